@@ -1,0 +1,1 @@
+"""Kafka stream-processing worker for live, speaker-attributed speech-to-text."""
