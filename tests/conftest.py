@@ -126,3 +126,13 @@ def new_topic(
             # Cleanup must not mask the test's own outcome.
             with contextlib.suppress(Exception):
                 future.result(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_paths() -> tuple[Path, Path]:
+    """The small random-weight models of the real classes, built once and cached on disk
+    (``CALLSCRIBE_MODEL_CACHE``, default ~/.cache/callscribe/models)."""
+    from worker.engine.models import build_random_models
+
+    cache = Path(os.environ.get("CALLSCRIBE_MODEL_CACHE", Path.home() / ".cache/callscribe/models"))
+    return build_random_models("tiny", cache)

@@ -1,1 +1,4 @@
-"""The streaming engine: many live calls batched through NeMo's multi-talker models. No Kafka here."""
+"""The streaming engine: many live calls batched through NeMo's multi-talker models.
+
+No Kafka here.
+"""
