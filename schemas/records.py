@@ -186,3 +186,31 @@ EVENT_ID_NAMESPACE = uuid.UUID("6f1c3d2e-8a4b-5c7d-9e0f-1a2b3c4d5e6f")
 def make_event_id(stream_id: str, segment_index: int, revision: int) -> str:
     """The deterministic id of a transcript event: equal wherever and however often it is made."""
     return str(uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream_id}\x00{segment_index}\x00{revision}"))
+
+
+@dataclass(frozen=True, slots=True)
+class StreamProgress:
+    """Recovery bookkeeping of an open stream (see ``stream_progress.avsc``)."""
+
+    SCHEMA = "stream_progress"
+
+    stream_id: str
+    input_topic: str
+    partition: int
+    first_offset: int
+    events_emitted: int
+    segments: int = 0
+
+    def to_avro(self) -> dict[str, Any]:
+        return {
+            "stream_id": self.stream_id,
+            "input_topic": self.input_topic,
+            "partition": self.partition,
+            "first_offset": self.first_offset,
+            "events_emitted": self.events_emitted,
+            "segments": self.segments,
+        }
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        return cls(**data)

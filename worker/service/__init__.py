@@ -1,0 +1,1 @@
+"""The Kafka side: consume, order, produce, checkpoint, recover. No tensors here."""
