@@ -136,3 +136,20 @@ def tiny_model_paths() -> tuple[Path, Path]:
 
     cache = Path(os.environ.get("CALLSCRIBE_MODEL_CACHE", Path.home() / ".cache/callscribe/models"))
     return build_random_models("tiny", cache)
+
+
+@pytest.fixture(scope="module")
+def fp64_models(tiny_model_paths):
+    """The tiny models loaded in float64, with float64 the default dtype for the module: exact
+    comparisons then cannot flip on rounding differences of batched kernels."""
+    import torch
+
+    from worker.engine.models import load_models
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        diarizer, asr = tiny_model_paths
+        yield load_models(str(diarizer), str(asr), device="cpu")
+    finally:
+        torch.set_default_dtype(previous)

@@ -27,9 +27,12 @@ def _setup_logging(level: str) -> None:
 def load_engine_models(config):
     """The configured models: the real pair by name or path, or random ones of the same classes."""
     import torch
+    from nemo.utils import logging as nemo_logging
 
     from worker.engine.models import build_random_models, load_models
 
+    # NeMo prints every restored model's whole config as warnings; keep its errors only.
+    nemo_logging.set_verbosity(logging.ERROR)
     if config.float64:
         torch.set_default_dtype(torch.float64)
     diarizer, asr = config.diarizer_model, config.asr_model

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from schemas import WireFormat
-from worker.engine.engine import EngineConfig
+from worker.engine.config import EngineConfig
 
 ENV_PREFIX = "CALLSCRIBE_"
 DEFAULT_DIARIZER = "nvidia/diar_streaming_sortformer_4spk-v2.1"
@@ -143,6 +143,13 @@ class WorkerConfig:
     transaction_interval_ms: int = field(
         default=200, metadata=_help("how often outputs and offsets commit")
     )
+    transaction_timeout_ms: int = field(
+        default=30_000,
+        metadata=_help(
+            "Kafka transaction.timeout.ms: how long a dead worker's open transaction "
+            "holds back read_committed readers"
+        ),
+    )
     poll_timeout_ms: int = field(default=50, metadata=_help("longest wait in one consumer poll"))
     max_poll_interval_ms: int = field(default=300_000, metadata=_help("Kafka max.poll.interval.ms"))
     session_timeout_ms: int = field(default=10_000, metadata=_help("Kafka session.timeout.ms"))
@@ -169,6 +176,7 @@ class WorkerConfig:
             "max_worker_buffered_sec": self.max_worker_buffered_sec,
             "ended_streams_remembered": self.ended_streams_remembered,
             "transaction_interval_ms": self.transaction_interval_ms,
+            "transaction_timeout_ms": self.transaction_timeout_ms,
             "poll_timeout_ms": self.poll_timeout_ms,
             "shutdown_grace_sec": self.shutdown_grace_sec,
         }

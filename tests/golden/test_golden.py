@@ -12,7 +12,6 @@ checks that the comparison catches it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,23 +22,12 @@ from producer_tools.conversation import Conversation, default_conversations
 from tests.golden.reference import ReferenceResult, run_reference
 from worker.engine import engine as engine_module
 from worker.engine.engine import EngineConfig, StreamingEngine
-from worker.engine.models import LoadedModels, load_models
+from worker.engine.models import LoadedModels
 
 pytestmark = pytest.mark.slow
 
 TIME_TOLERANCE_S = 1e-9
 GOLDEN_CONFIG = EngineConfig(decoding_strategy="greedy", max_streams_per_step=8)
-
-
-@pytest.fixture(scope="module")
-def fp64_models(tiny_model_paths) -> Iterator[LoadedModels]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        diarizer, asr = tiny_model_paths
-        yield load_models(str(diarizer), str(asr), device="cpu")
-    finally:
-        torch.set_default_dtype(previous)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import time
 import urllib.request
 import uuid
 from collections import defaultdict
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,23 +19,12 @@ from producer_tools.stream import CallAudio, interleave, publish, read_events, t
 from schemas import AudioChunk, AudioEncoding, DeadLetter, RecordCodec
 from worker.config import GapPolicy, WorkerConfig, load_config
 from worker.engine.engine import StreamingEngine
-from worker.engine.models import LoadedModels, load_models
+from worker.engine.models import LoadedModels
 from worker.metrics import Health, HttpEndpoints, Metrics
 from worker.service.loop import ModelNames, Worker
 from worker.service.topics import create_topics
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def fp64_models(tiny_model_paths) -> Iterator[LoadedModels]:
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        diarizer, asr = tiny_model_paths
-        yield load_models(str(diarizer), str(asr), device="cpu")
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _config(bootstrap: str, **overrides) -> WorkerConfig:
@@ -52,6 +40,7 @@ def _config(bootstrap: str, **overrides) -> WorkerConfig:
         "transaction_interval_ms": 100,
         "idle_timeout_sec": 60,
         "session_timeout_ms": 6000,
+        "transaction_timeout_ms": 10_000,
     }
     values.update(overrides)
     return load_config(environ={}, overrides=values)

@@ -166,7 +166,7 @@ class Worker:
         }
         if self.eos:
             conf["transactional.id"] = f"{self.cfg.group_id}-{self.instance}"
-            conf["transaction.timeout.ms"] = max(60_000, 10 * self.cfg.transaction_interval_ms)
+            conf["transaction.timeout.ms"] = self.cfg.transaction_timeout_ms
         return conf
 
     # -- the loop ---------------------------------------------------------------------------
@@ -259,13 +259,13 @@ class Worker:
         def reject(reason: str, text: str) -> bool:
             if not replaying:
                 self._dead_letter(message, reason, text, stream_id)
-            self.positions[partition] = offset + 1
+            self._advance(partition, offset)
             return True
 
         if replaying and (
             stream_id not in part.streams or offset < part.streams[stream_id].first_offset
         ):
-            self.positions[partition] = offset + 1
+            self._advance(partition, offset)
             return True  # handled before the checkpoint this replay starts from
         if replaying:
             self.metrics.on_replayed()
@@ -322,7 +322,7 @@ class Worker:
         if verdict is Order.DUPLICATE:
             if not replaying:
                 self.metrics.on_duplicate()
-            self.positions[partition] = offset + 1
+            self._advance(partition, offset)
             return True
         if verdict is Order.GAP:
             missing = chunk.sequence - stream.next_sequence
@@ -342,7 +342,7 @@ class Worker:
                     stream_id,
                 )
                 self._end(stream)
-                self.positions[partition] = offset + 1
+                self._advance(partition, offset)
                 return True
             self._push(
                 stream,
@@ -373,13 +373,19 @@ class Worker:
             self.metrics.on_audio(seconds)
         if chunk.sequence == 0:
             stream.capture_start_ms = chunk.capture_time_ms
-        self.positions[partition] = offset + 1
+        self._advance(partition, offset)
         error = self._push(stream, samples, chunk.sequence)
         if error is not None:
             return reject(error.reason, error.message)
         if chunk.end_of_stream or stream.seconds_in >= self.cfg.max_stream_sec:
             self._end(stream)
         return True
+
+    def _advance(self, partition: int, offset: int) -> None:
+        """The record at ``offset`` is handled. Replayed records lie below the committed
+        offset, which must never move back."""
+        if offset + 1 > self.positions.get(partition, -1):
+            self.positions[partition] = offset + 1
 
     def _push(self, stream: OpenStream, samples: np.ndarray, sequence: int) -> StreamError | None:
         """Hand audio to the engine; a stream whose audio the engine refuses has failed."""
