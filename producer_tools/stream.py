@@ -143,13 +143,16 @@ def read_events(
         consumer.close()
 
 
-def format_event(event: TranscriptEvent) -> str:
-    """One line a person can read."""
+def format_event(event: TranscriptEvent, max_text: int = 0) -> str:
+    """One line a person can read; ``max_text`` > 0 shortens long texts with an ellipsis."""
     if event.kind == "STREAM_END":
         length = f"{event.end_s:.1f} s, {event.segment_index} segments"
         return f"{event.stream_id}  ── call ended ({length})"
     mark = "FINAL  " if event.kind == "FINAL" else "partial"
+    text = " ".join(event.text.split())
+    if 0 < max_text < len(text):
+        text = text[: max_text - 1] + "…"
     return (
         f"{event.stream_id}  [{event.start_s:6.2f}–{event.end_s:6.2f}] {mark} "
-        f"{event.speaker}: {event.text}"
+        f"{event.speaker}: {text}"
     )

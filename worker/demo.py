@@ -169,8 +169,9 @@ def run_demo(keep_broker: bool = False, calls: int = 1) -> int:
             bootstrap, config.output_topic, until_stream_ends=ids, timeout_s=120
         ):
             if event.kind != "PARTIAL":
-                _say("    " + format_event(event))
+                _say("    " + format_event(event, max_text=100))
         sender.join(5)
+        del producer  # before the broker stops, so it does not log reconnection attempts
         _say("done: every call ended. Shutting down.")
         return 0
     finally:

@@ -92,6 +92,12 @@ class Metrics:
             f"{p}gpu_memory_bytes", "CUDA memory allocated by the worker", registry=r
         )
         self.model_load = Gauge(f"{p}model_load_seconds", "Time to load the models", registry=r)
+        self.recovery = Histogram(
+            f"{p}recovery_seconds",
+            "Time for a new owner to rebuild a partition's open streams",
+            buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600),
+            registry=r,
+        )
         self.paused = Gauge(
             f"{p}paused_partitions", "Partitions paused by backpressure", registry=r
         )
@@ -144,6 +150,9 @@ class Metrics:
 
     def on_replayed(self, count: int = 1) -> None:
         self.replayed.inc(count)
+
+    def on_recovery(self, seconds: float) -> None:
+        self.recovery.observe(seconds)
 
     def on_paused(self, count: int) -> None:
         self.paused.set(count)

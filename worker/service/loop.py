@@ -152,6 +152,7 @@ class Worker:
             "session.timeout.ms": self.cfg.session_timeout_ms,
             "statistics.interval.ms": 5000,
             "stats_cb": self.metrics.on_client_stats,
+            "logger": logging.getLogger("kafka.consumer"),
         }
         if self.cfg.instance_id:
             conf["group.instance.id"] = self.cfg.instance_id
@@ -163,6 +164,7 @@ class Worker:
             "enable.idempotence": True,
             "linger.ms": 5,
             "compression.type": "lz4",
+            "logger": logging.getLogger("kafka.producer"),
         }
         if self.eos:
             conf["transactional.id"] = f"{self.cfg.group_id}-{self.instance}"
@@ -440,6 +442,8 @@ class Worker:
         part = self.parts.get(stream.partition)
         if part is not None:
             part.streams.pop(stream.stream_id, None)
+            if stream.stream_id in part.recovering:
+                self._recovered(stream)
         self.by_id.pop(stream.stream_id, None)
         self.ended.add(stream.stream_id, reason)
         self._produce_progress(stream, closed=True)
@@ -524,12 +528,25 @@ class Worker:
     ) -> None:
         if stream.suppress > 0:  # committed before the replay started
             stream.suppress -= 1
+            if stream.suppress == 0:
+                self._recovered(stream)
             return
         stream.events_emitted += 1
         stream.dirty = True
         self._produce(self.cfg.output_topic, event.stream_id.encode(), self.events.encode(event))
         latency = None if latency_from_ms is None else (self.wall_ms() - latency_from_ms) / 1000
         self.metrics.on_event(str(event.kind), latency)
+
+    def _recovered(self, stream: OpenStream) -> None:
+        """The stream has re-made every event it had committed: it is where its old owner was."""
+        part = self.parts.get(stream.partition)
+        if part is None or stream.stream_id not in part.recovering:
+            return
+        part.recovering.discard(stream.stream_id)
+        if not part.recovering:
+            elapsed = self.clock() - part.recovery_started
+            self.metrics.on_recovery(elapsed)
+            log.info("partition %d: open streams rebuilt in %.1f s", part.partition, elapsed)
 
     def _dead_letter(self, message: Message, reason: str, text: str, stream_id: str | None) -> None:
         log.info(
@@ -684,6 +701,9 @@ class Worker:
                 part.streams[rec.stream_id] = stream
                 self.by_id[rec.stream_id] = stream
                 self.engine.add_stream(rec.stream_id)
+                if rec.events_emitted:
+                    part.recovering.add(rec.stream_id)
+            part.recovery_started = self.clock()
             firsts = [rec.first_offset for rec in opened]
             if done >= 0:
                 starts[p] = min([done, *firsts])

@@ -55,6 +55,8 @@ class PartitionStreams:
     partition: int
     streams: dict[str, OpenStream] = field(default_factory=dict)
     replay_end: int = -1  # records below this offset were processed before: rebuild only
+    recovering: set[str] = field(default_factory=set)  # streams still swallowing old events
+    recovery_started: float = 0.0
 
 
 class EndedStreams:
