@@ -88,7 +88,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     engine = StreamingEngine(models, config.engine)
     health.models_loaded = True
-    worker = Worker(config, engine, ModelNames(models.diarizer_id, models.asr_id), metrics, health)
+    device_memory = None
+    if models.device.type == "cuda":
+        import torch
+
+        def device_memory() -> int:
+            return torch.cuda.memory_allocated(models.device)
+
+    worker = Worker(
+        config,
+        engine,
+        ModelNames(models.diarizer_id, models.asr_id),
+        metrics,
+        health,
+        device_memory=device_memory,
+    )
 
     def on_signal(signum: int, _frame: object) -> None:
         log.info(

@@ -108,6 +108,7 @@ class Worker:
         health: Health,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        device_memory: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = config
         self.engine = engine
@@ -116,6 +117,7 @@ class Worker:
         self.health = health
         self.clock = clock
         self.wall_ms = wall_ms
+        self.device_memory = device_memory  # bytes the engine holds on its device, if measurable
         self.instance = config.instance_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.eos = config.delivery is DeliveryMode.EXACTLY_ONCE
         wf = config.wire_format
@@ -223,6 +225,8 @@ class Worker:
         self._end_idle_streams()
         if self.engine.ready_streams():
             self._emit(self.engine.step())
+            if self.device_memory is not None:
+                self.metrics.on_gpu_memory(self.device_memory())
         self._apply_backpressure()
         due = self.clock() - self._last_checkpoint >= self.cfg.transaction_interval_ms / 1000
         if due and (self._produced or self.positions != self._committed_positions):
