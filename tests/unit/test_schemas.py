@@ -7,6 +7,7 @@ import io
 import json
 import random
 import struct
+import uuid
 from importlib import resources
 
 import fastavro
@@ -24,6 +25,7 @@ from schemas import (
     Word,
     make_event_id,
 )
+from schemas.records import EVENT_ID_NAMESPACE
 
 
 def _chunk(encoding: AudioEncoding = AudioEncoding.PCM_S16LE, **kw) -> AudioChunk:
@@ -106,6 +108,9 @@ def test_confluent_framing_is_magic_byte_and_big_endian_id() -> None:
 
 def test_event_ids_are_deterministic_and_distinct() -> None:
     assert make_event_id("a", 0, 0) == make_event_id("a", 0, 0)
+    for stream, seg, rev in [("a", 0, 0), ("call-42", 3, 1), ("ünï", 10**9, 7)]:
+        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream}\x00{seg}\x00{rev}")
+        assert make_event_id(stream, seg, rev) == str(expected)
     ids = {make_event_id(s, seg, rev) for s in ("a", "b") for seg in range(3) for rev in range(3)}
     assert len(ids) == 18
     # The separator keeps ("a1", 0) and ("a", 10) apart.

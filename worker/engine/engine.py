@@ -33,6 +33,7 @@ from nemo.collections.asr.parts.submodules.subsampling import calc_length
 from worker.engine.config import EngineConfig
 from worker.engine.features import ChunkLayout, FeatureExtractor, StreamFeatures, chunk_layout
 from worker.engine.models import LoadedModels
+from worker.engine.results import SequenceSpan, StreamError, StreamUpdate
 from worker.engine.state import (
     SpeakerInstance,
     StreamModelState,
@@ -53,34 +54,6 @@ log = logging.getLogger(__name__)
 
 # Stands for the spaces around SentencePiece's unknown piece, which its decoder never strips.
 _UNK_SPACE = "\x01"
-
-
-class StreamError(Exception):
-    """A stream's own data or state failed; the stream is dropped, the batch goes on."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.message = message
-
-
-@dataclass(frozen=True)
-class SequenceSpan:
-    """Input sequence numbers whose audio a segment covers."""
-
-    first: int
-    last: int
-
-
-@dataclass(frozen=True)
-class StreamUpdate:
-    """What one step produced for one stream."""
-
-    stream_id: str
-    segments: tuple[tuple[SegmentUpdate, SequenceSpan], ...] = ()
-    ended: bool = False  # the stream is finished: its last segments are in this update
-    error: StreamError | None = None  # the stream failed and was dropped
-    audio_sec: float = 0.0  # audio this step consumed for the stream
 
 
 @dataclass

@@ -63,7 +63,7 @@ from schemas import (
 )
 from worker.audio import AudioDecoder, AudioFormatError, check_format
 from worker.config import DeliveryMode, GapPolicy, WorkerConfig
-from worker.engine.engine import StreamError, StreamUpdate
+from worker.engine.results import StreamError, StreamUpdate
 from worker.metrics import Health, Metrics
 from worker.service.streams import EndedStreams, OpenStream, Order, PartitionStreams
 
@@ -212,7 +212,7 @@ class Worker:
         self.health.assigned_or_idle = True
         if self._need_rebuild:
             self._rebuild_all()
-        messages = self.consumer.consume(_CONSUME_BATCH, self.cfg.poll_timeout_ms / 1000)
+        messages = self._consume()
         blocked: set[int] = set()
         for message in messages:
             if message.partition() in blocked:
@@ -231,6 +231,15 @@ class Worker:
         due = self.clock() - self._last_checkpoint >= self.cfg.transaction_interval_ms / 1000
         if due and (self._produced or self.positions != self._committed_positions):
             self.checkpoint()
+
+    def _consume(self) -> list[Message]:
+        """What is fetched already, without waiting; else wait up to the poll timeout for the
+        first record and take what came with it (``consume(n, t)`` would wait out ``t``)."""
+        messages = self.consumer.consume(_CONSUME_BATCH, 0)
+        if messages or self.engine.ready_streams():
+            return messages
+        first = self.consumer.consume(1, self.cfg.poll_timeout_ms / 1000)
+        return first + self.consumer.consume(_CONSUME_BATCH - 1, 0) if first else first
 
     def _drain(self) -> None:
         """Shutdown, after the step in flight: stop fetching and checkpoint. Audio still
@@ -813,6 +822,18 @@ def _bytes_per_sample(chunk: AudioChunk) -> int:
     return 2 if chunk.encoding == "PCM_S16LE" else 1
 
 
+def _watermarks(consumer: Consumer, tp: TopicPartition, attempts: int = 20) -> tuple[int, int]:
+    """Low and high offsets; a topic created a moment ago may not have a leader yet."""
+    for attempt in range(attempts):
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=30)
+        except KafkaException as exc:
+            if attempt == attempts - 1 or not exc.args[0].retriable():
+                raise
+            time.sleep(0.5)
+    raise AssertionError("unreachable")
+
+
 def read_progress(config: WorkerConfig, partitions: set[int]) -> dict[int, list[StreamProgress]]:
     """Open streams of ``partitions`` from the (committed) progress topic."""
     codec = RecordCodec(StreamProgress)
@@ -836,9 +857,7 @@ def read_progress(config: WorkerConfig, partitions: set[int]) -> dict[int, list[
             )
         tps = []
         for pid in meta.partitions:
-            low, high = consumer.get_watermark_offsets(
-                TopicPartition(config.progress_topic, pid), timeout=30
-            )
+            low, high = _watermarks(consumer, TopicPartition(config.progress_topic, pid))
             if high > low:
                 tps.append(TopicPartition(config.progress_topic, pid, low))
         latest: dict[bytes, bytes | None] = {}
