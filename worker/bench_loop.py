@@ -11,11 +11,13 @@ to the checkpoint (transaction commit, or flush + offset commit) that covers the
 read off the worker's own metric hooks. Afterwards the committed output is read back and
 counted: one PARTIAL or FINAL event per input record, one STREAM_END per stream.
 
-Latency. A load generator produces 20 ms chunks live at a steady rate (below saturation); a
-read_committed reader collects the events. Per input record, "produced" is the output
-event's Kafka timestamp (set when the worker calls ``produce``) minus the time the generator
-produced the input, and "visible" is when the reader got the event minus the same; the second
-includes the checkpoint interval, since an event is readable only once committed.
+Latency. A load generator (real time by default: rate × 20 ms streams) produces 20 ms chunks
+live at a steady rate; a read_committed reader collects the events. Per input record,
+"produced" is the output event's Kafka timestamp (set when the worker calls ``produce``) minus
+the time the generator produced the input, and "visible" is when the reader got the event minus
+the same; the second includes up to one checkpoint interval, since an event is readable only
+once committed. The numbers are the loop's own latency only below saturation: a run whose
+latency climbs from its first second to its last is marked saturated.
 
 Thread rule: the worker loop runs on one thread of this process and is the only busy Python
 thread while it is measured (the main thread waits). The load generator and the reader are
@@ -27,6 +29,7 @@ worker is built.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import datetime as dt
 import io
@@ -44,13 +47,14 @@ import time
 import uuid
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
 
 from schemas import AudioChunk, AudioEncoding, RecordCodec, TranscriptEvent
 from worker.audio import encode_pcm
@@ -59,7 +63,7 @@ from worker.metrics import Metrics
 
 if TYPE_CHECKING:
     from worker.config import WorkerConfig
-    from worker.engine.engine import StreamUpdate
+    from worker.engine.results import StreamUpdate
     from worker.service.loop import Worker
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -71,8 +75,6 @@ MODES = ("exactly_once", "at_least_once")
 TARGETS = {"at_least_once": 20_000, "exactly_once": 10_000}
 LATENCY_TARGET_P95_MS = 50.0
 _PASS_TEXT = "pass-through"
-
-log = logging.getLogger(__name__)
 
 
 def _say(text: str) -> None:
@@ -103,7 +105,7 @@ class PassThroughEngine:
     def __init__(self, sample_rate: int = 16_000) -> None:
         # Imported here, not at the top: the benchmark's child processes import this module
         # and must not pay for the NeMo import that ``worker.engine.engine`` brings.
-        from worker.engine.engine import SequenceSpan, StreamUpdate
+        from worker.engine.results import SequenceSpan, StreamUpdate
 
         self._update = StreamUpdate
         self._span = SequenceSpan
@@ -289,9 +291,8 @@ def produce_all(bootstrap: str, topic: str, records: Sequence[tuple[bytes, bytes
 # -- output -------------------------------------------------------------------------------------
 
 
-def count_events(bootstrap: str, topic: str, timeout_s: float = 120.0) -> Counter[str]:
-    """Committed records of ``topic`` by event kind (the whole topic, read to its end)."""
-    codec = RecordCodec(TranscriptEvent)
+def _committed_values(bootstrap: str, topic: str, timeout_s: float = 120.0) -> Iterator[bytes]:
+    """Every committed value of ``topic``, from its start to its end as of now."""
     consumer = Consumer(
         {
             "bootstrap.servers": bootstrap,
@@ -301,7 +302,6 @@ def count_events(bootstrap: str, topic: str, timeout_s: float = 120.0) -> Counte
             "enable.partition.eof": True,
         }
     )
-    kinds: Counter[str] = Counter()
     try:
         meta = consumer.list_topics(topic, timeout=30).topics[topic]
         consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
@@ -311,44 +311,20 @@ def count_events(bootstrap: str, topic: str, timeout_s: float = 120.0) -> Counte
             if time.monotonic() > deadline:
                 raise TimeoutError(f"reading {topic}: partitions {sorted(remaining)} unfinished")
             for msg in consumer.consume(10_000, 1.0):
-                if msg.error():
-                    if msg.error().code() != KafkaError._PARTITION_EOF:
-                        raise RuntimeError(f"reading {topic}: {msg.error()}")
+                if not msg.error():
+                    yield msg.value()
+                elif msg.error().code() == KafkaError._PARTITION_EOF:
                     remaining.discard(msg.partition())
-                    continue
-                kinds[str(codec.decode(msg.value()).kind)] += 1
+                else:
+                    raise RuntimeError(f"reading {topic}: {msg.error()}")
     finally:
         consumer.close()
-    return kinds
 
 
-def count_records(bootstrap: str, topic: str, timeout_s: float = 60.0) -> int:
-    """Committed records in ``topic``, whatever they hold."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": f"bench-loop-count-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    count = 0
-    try:
-        meta = consumer.list_topics(topic, timeout=30).topics[topic]
-        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in meta.partitions])
-        remaining = set(meta.partitions)
-        deadline = time.monotonic() + timeout_s
-        while remaining and time.monotonic() < deadline:
-            for msg in consumer.consume(10_000, 1.0):
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        remaining.discard(msg.partition())
-                    continue
-                count += 1
-    finally:
-        consumer.close()
-    return count
+def count_events(bootstrap: str, topic: str) -> Counter[str]:
+    """Committed transcript events of ``topic`` by kind."""
+    codec = RecordCodec(TranscriptEvent)
+    return Counter(str(codec.decode(value).kind) for value in _committed_values(bootstrap, topic))
 
 
 # -- the worker under test ------------------------------------------------------------------------
@@ -509,16 +485,55 @@ class ThroughputResult:
 
 
 def new_input_topic(bootstrap: str, partitions: int, run_id: str, name: str) -> str:
-    """A fresh input topic with the settings ``create_topics`` gives it."""
-    from worker.service.topics import create_topics
+    """A fresh input topic with the settings ``topic_specs`` gives the worker's input."""
+    from worker.service.topics import topic_specs
 
     topic = f"bench-loop-{run_id}-{name}-audio"
-    # create_topics makes all four of a config's topics; the outputs are made per mode later.
-    create_topics(
-        bench_config(bootstrap, topic, "at_least_once", streams=1, run_id=run_id),
-        partitions=partitions,
-    )
+    config = bench_config(bootstrap, topic, "at_least_once", streams=1, run_id=run_id)
+    [spec] = [s for s in topic_specs(config, partitions, 1) if s.topic == topic]
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([spec])[topic].result(30)
+    wait_for_leaders(bootstrap, [topic])
     return topic
+
+
+def create_worker_topics(config: WorkerConfig, partitions: int) -> None:
+    """The worker's topics, each partition with a leader: the worker reads the progress
+    topic's watermarks as soon as it is assigned, and a leaderless partition fails that."""
+    from worker.service.topics import create_topics
+
+    create_topics(config, partitions=partitions)
+    wait_for_leaders(config.bootstrap_servers, [config.input_topic, *_worker_topics(config)])
+
+
+def wait_for_leaders(bootstrap: str, topics: Sequence[str], timeout_s: float = 30.0) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout_s
+    while True:
+        listed = admin.list_topics(timeout=10).topics
+        if all(
+            t in listed
+            and listed[t].error is None
+            and listed[t].partitions
+            and all(p.leader >= 0 for p in listed[t].partitions.values())
+            for t in topics
+        ):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics {list(topics)} have no leaders after {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def delete_topics(bootstrap: str, topics: Sequence[str]) -> None:
+    """Best effort: the inputs are large, and a shared broker should not keep them."""
+    admin = AdminClient({"bootstrap.servers": bootstrap, "log_level": 4})
+    for future in admin.delete_topics(list(topics), operation_timeout=10).values():
+        with contextlib.suppress(Exception):
+            future.result(15)
+
+
+def _worker_topics(config: WorkerConfig) -> list[str]:
+    return [config.output_topic, config.dead_letter_topic, config.progress_topic]
 
 
 def run_throughput(
@@ -536,8 +551,6 @@ def run_throughput(
     timeout_s: float | None = None,
 ) -> ThroughputResult:
     """One worker, a fresh group, through the ``records`` already in ``input_topic``."""
-    from worker.service.topics import create_topics
-
     config = bench_config(
         bootstrap,
         input_topic,
@@ -546,7 +559,7 @@ def run_throughput(
         run_id=run_id,
         transaction_interval_ms=transaction_interval_ms,
     )
-    create_topics(config, partitions=partitions)
+    create_worker_topics(config, partitions)
     watch = _Watch(records)
     profile = cProfile.Profile() if profile_path is not None else None
     running = _RunningWorker(config, watch, profile)
@@ -571,6 +584,8 @@ def run_throughput(
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         profile.dump_stats(str(profile_path))
     kinds = count_events(bootstrap, config.output_topic)
+    dead_letters = sum(1 for _ in _committed_values(bootstrap, config.dead_letter_topic))
+    delete_topics(bootstrap, _worker_topics(config))
     return ThroughputResult(
         fmt=fmt,
         delivery=delivery,
@@ -579,7 +594,7 @@ def run_throughput(
         seconds=watch.done_at - watch.first_at,
         segment_events=kinds["PARTIAL"] + kinds["FINAL"],
         stream_ends=kinds["STREAM_END"],
-        dead_letters=count_records(bootstrap, config.dead_letter_topic),
+        dead_letters=dead_letters,
         thread_cpu_sec=watch.thread_cpu[1] - watch.thread_cpu[0],
         process_cpu_sec=watch.process_cpu[1] - watch.process_cpu[0],
         load_before=load_before,
@@ -601,38 +616,40 @@ def bench_throughput(
     run_id: str | None = None,
 ) -> list[ThroughputResult]:
     """Pre-produce ``records`` once, then run a worker through them in each delivery mode."""
-    run_id = run_id or uuid.uuid4().hex[:8]
+    run_id = f"{run_id or uuid.uuid4().hex[:8]}-{fmt.name}-{fmt.chunk_ms}ms"
     streams = max(1, min(streams, records))
-    topic = new_input_topic(bootstrap, partitions, run_id, f"{fmt.name}-{fmt.chunk_ms}ms")
-    _say(f"  pre-producing {records:,} records of {streams} streams ({fmt.label}) to {topic}")
-    produce_all(
-        bootstrap, topic, interleaved_records(fmt, stream_ids(f"s{run_id}", streams), records)
-    )
+    topic = new_input_topic(bootstrap, partitions, run_id, "input")
     results = []
-    for delivery in modes:
-        _say(f"  {fmt.label}, {delivery}: timing the worker")
-        profile_path = (
-            None
-            if profile_dir is None
-            else profile_dir / f"{fmt.name}-{fmt.chunk_ms}ms-{delivery}.pstats"
-        )
-        result = run_throughput(
-            bootstrap,
-            topic,
-            fmt,
-            delivery,
-            records=records,
-            streams=streams,
-            run_id=run_id,
-            partitions=partitions,
-            transaction_interval_ms=transaction_interval_ms,
-            profile_path=profile_path,
-        )
-        _say(
-            f"  {fmt.label}, {delivery}: {result.records_per_sec:,.0f} records/s "
-            f"({result.records:,} in {result.seconds:.1f} s; {result.segment_events:,} events)"
-        )
-        results.append(result)
+    try:
+        _say(f"  pre-producing {records:,} records of {streams} streams ({fmt.label}) to {topic}")
+        ids = stream_ids(f"s{run_id}", streams)
+        produce_all(bootstrap, topic, interleaved_records(fmt, ids, records))
+        for delivery in modes:
+            _say(f"  {fmt.label}, {delivery}: timing the worker")
+            profile_path = (
+                None
+                if profile_dir is None
+                else profile_dir / f"{fmt.name}-{fmt.chunk_ms}ms-{delivery}.pstats"
+            )
+            result = run_throughput(
+                bootstrap,
+                topic,
+                fmt,
+                delivery,
+                records=records,
+                streams=streams,
+                run_id=run_id,
+                partitions=partitions,
+                transaction_interval_ms=transaction_interval_ms,
+                profile_path=profile_path,
+            )
+            _say(
+                f"  {fmt.label}, {delivery}: {result.records_per_sec:,.0f} records/s "
+                f"({records:,} in {result.seconds:.1f} s; {result.segment_events:,} events)"
+            )
+            results.append(result)
+    finally:
+        delete_topics(bootstrap, [topic])
     return results
 
 
@@ -777,8 +794,6 @@ def run_latency(
 
     Records produced in the first ``warmup_sec`` are left out of the percentiles.
     """
-    from worker.service.topics import create_topics
-
     run_id = run_id or uuid.uuid4().hex[:8]
     topic = new_input_topic(bootstrap, partitions, run_id, f"latency-{delivery}")
     config = bench_config(
@@ -789,7 +804,7 @@ def run_latency(
         run_id=f"{run_id}-latency",
         transaction_interval_ms=transaction_interval_ms,
     )
-    create_topics(config, partitions=partitions)
+    create_worker_topics(config, partitions)
     per_stream = max(1, round(seconds * rate / streams))
     total = per_stream * streams
     ids = stream_ids(f"l{run_id}", streams)
@@ -831,6 +846,7 @@ def run_latency(
             child.join(10)
             if child.is_alive():
                 child.kill()
+        delete_topics(bootstrap, [topic, *_worker_topics(config)])
     load_after = os.getloadavg()[0]
     sent = array("d")
     sent.frombytes(sent_bytes)
@@ -947,7 +963,7 @@ def _environment_line() -> str:
 
     return (
         f"{os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
-        f"confluent-kafka {confluent_kafka.version()[0]} / librdkafka "
+        f"confluent-kafka {confluent_kafka.__version__} / librdkafka "
         f"{confluent_kafka.libversion()[0]}, one local single-node broker (deploy/kafka-local)"
     )
 
@@ -1004,13 +1020,13 @@ def append_markdown(path: Path, section: str) -> None:
 # -- command line ---------------------------------------------------------------------------------
 
 # Records per configuration: about 10–20 s each on the 2-core development machine.
-DEFAULT_RECORDS = {20: 60_000, 1000: 10_000}
+DEFAULT_RECORDS = {20: 60_000, 1000: 30_000}
 
 
 def default_records(fmt: InputFormat) -> int:
     if fmt.chunk_ms in DEFAULT_RECORDS:
         return DEFAULT_RECORDS[fmt.chunk_ms]
-    return int(np.interp(fmt.chunk_ms, [20, 1000], [60_000, 10_000]))
+    return int(np.interp(fmt.chunk_ms, [20, 1000], [60_000, 30_000]))
 
 
 class _Broker:
@@ -1074,15 +1090,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--records",
         type=int,
-        help="records per configuration [default: 60,000 at 20 ms, 10,000 at 1 s]",
+        help="records per configuration [default: 60,000 at 20 ms, 30,000 at 1 s]",
     )
     parser.add_argument("--partitions", type=int, default=4, help="input partitions [4]")
     parser.add_argument(
         "--transaction-interval-ms", type=int, default=200, help="worker checkpoint interval [200]"
     )
-    parser.add_argument("--latency-rate", type=float, default=5000.0, help="records/s [5000]")
     parser.add_argument(
-        "--latency-streams", type=int, default=100, help="streams of the latency run [100]"
+        "--latency-rates",
+        default="1000,5000",
+        help="records/s of the latency runs, one run each [default: %(default)s]",
+    )
+    parser.add_argument(
+        "--latency-streams",
+        type=int,
+        help="streams of a latency run [default: as many as the rate keeps at real time, "
+        "rate × 20 ms]",
     )
     parser.add_argument("--latency-sec", type=float, default=15.0, help="latency run length [15]")
     parser.add_argument("--no-throughput", action="store_true", help="skip the throughput runs")
@@ -1133,17 +1156,18 @@ def main(argv: Sequence[str] | None = None) -> int:
                     profile_dir=args.profile,
                     run_id=run_id,
                 )
-        if not args.no_latency:
+        for rate in [] if args.no_latency else [float(r) for r in _csv(args.latency_rates)]:
+            streams = args.latency_streams or max(1, round(rate * PCM_20MS.chunk_ms / 1000))
             for delivery in modes:
                 result = run_latency(
                     bootstrap,
                     delivery,
-                    rate=args.latency_rate,
-                    streams=args.latency_streams,
+                    rate=rate,
+                    streams=streams,
                     seconds=args.latency_sec,
                     partitions=args.partitions,
                     transaction_interval_ms=args.transaction_interval_ms,
-                    run_id=run_id,
+                    run_id=f"{run_id}-r{rate:.0f}",
                 )
                 _say(
                     f"  latency, {delivery}: produced p95 {result.produced_ms[1]:.1f} ms, "
