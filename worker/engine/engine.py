@@ -156,6 +156,7 @@ class StreamingEngine:
             emit_partials=self.cfg.emit_partials,
         )
         self._batched_decoding = self.cfg.decoding_strategy == "greedy_batch"
+        self._next_first = 0  # where the next step starts looking for ready streams
         self._streams: dict[str, _Stream] = {}
         self.last_timing = StepTiming()
 
@@ -264,8 +265,12 @@ class StreamingEngine:
         timing = StepTiming()
         updates: list[StreamUpdate] = []
         rows: list[_Row] = []
-        for stream in list(self._streams.values()):
+        streams = list(self._streams.values())
+        # Past the cap, take turns: start where the last step's batch ended.
+        start = self._next_first % len(streams) if streams else 0
+        for stream in streams[start:] + streams[:start]:
             if len(rows) >= self.cfg.max_streams_per_step:
+                self._next_first = start + len(rows)
                 break
             if stream.features.chunk_ready():
                 chunk, length, last = stream.features.take_chunk()
@@ -343,7 +348,9 @@ class StreamingEngine:
                     inst = new_speaker_instance(self.asr, device)
                     row.stream.model.speakers[spk] = inst
                 plan.append((i, spk, inst))
-        hyps_before = [(p[2].hypothesis, _token_count(p[2].hypothesis)) for p in plan]
+        # Decoding continues the previous hypotheses in place (tokens, decoder state, score):
+        # keep what is needed to put them back if any part of the step fails.
+        saved = [_snapshot(p[2].hypothesis) for p in plan if p[2].hypothesis is not None]
         results: list[_InstanceResult] = []
         try:
             for keep_all in (False, True):
@@ -354,10 +361,8 @@ class StreamingEngine:
                         self._asr_forward(part, rows, recents, active, pre, pre_len, keep_all)
                     )
         except Exception:
-            # Greedy decoding extends the previous token lists in place: undo that.
-            for hyp, count in hyps_before:
-                if hyp is not None:
-                    _truncate(hyp, count)
+            for hyp, fields in saved:
+                hyp.__dict__.update(fields)
             raise
         timing.asr += time.perf_counter() - t0
         timing.instances += len(plan)
@@ -584,6 +589,12 @@ def _as_list(values) -> list[int]:
     if isinstance(values, torch.Tensor):
         return values.tolist()
     return list(values)
+
+
+def _snapshot(hyp: Any) -> tuple[Any, dict[str, Any]]:
+    """A hypothesis and copies of its fields (lists copied: decoding extends them in place)."""
+    fields = {k: list(v) if isinstance(v, list) else v for k, v in hyp.__dict__.items()}
+    return hyp, fields
 
 
 def _token_count(hyp: Any) -> int:

@@ -32,6 +32,7 @@ class ChunkLayout:
     chunk_frames: int  # new frames per step (the shift), e.g. 112 = 1.12 s
     pre_cache_frames: int  # frames of left context prepended to each chunk, e.g. 9
     min_frames: int  # a final chunk shorter than this is not run (the encoder cannot use it)
+    first_min_frames: int  # the same for a call's first chunk (NeMo checks it separately)
     drop_extra_pre_encoded: int  # pre-encoded frames the models drop from each chunk
 
     @property
@@ -46,10 +47,11 @@ def chunk_layout(asr_model: torch.nn.Module) -> ChunkLayout:
     def steady(value: int | list[int]) -> int:
         return value[1] if isinstance(value, list) else value
 
-    sampling = None
+    sampling: int | list[int] = 1
     pre_encode = asr_model.encoder.pre_encode
     if hasattr(pre_encode, "get_sampling_frames"):
-        sampling = steady(pre_encode.get_sampling_frames())
+        sampling = pre_encode.get_sampling_frames()
+    first_sampling = sampling[0] if isinstance(sampling, list) else sampling
     chunk, shift = steady(cfg.chunk_size), steady(cfg.shift_size)
     if chunk != shift:
         raise ValueError(
@@ -58,7 +60,8 @@ def chunk_layout(asr_model: torch.nn.Module) -> ChunkLayout:
     return ChunkLayout(
         chunk_frames=shift,
         pre_cache_frames=steady(cfg.pre_encode_cache_size),
-        min_frames=sampling or 1,
+        min_frames=steady(sampling) or 1,
+        first_min_frames=first_sampling or 1,
         drop_extra_pre_encoded=cfg.drop_extra_pre_encoded,
     )
 
@@ -167,7 +170,8 @@ class StreamFeatures:
         a full chunk waits for one frame beyond it.)"""
         if self._pending_frames > self._layout.chunk_frames:
             return True
-        return self.ended and self._pending_frames >= self._layout.min_frames
+        least = self._layout.first_min_frames if self.chunks_done == 0 else self._layout.min_frames
+        return self.ended and self._pending_frames >= least
 
     def finished(self) -> bool:
         """Ended, and nothing left that a model step would run."""
