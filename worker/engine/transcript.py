@@ -117,11 +117,12 @@ class TranscriptAssembler:
             stripped = diff_text.strip()
             if current is not None:
                 if stripped and stripped[0] in _LEADING_PUNCTUATION:
+                    # The mark closes the old segment: its word piece goes along with it.
                     current.text = (current.text + stripped[0]).strip()
                     diff_text = stripped[1:]
-                if continues_word and words:
-                    _extend_last_word(current, words[0])
-                    words = words[1:]
+                    if continues_word and words:
+                        _extend_last_word(current, words[0])
+                        words = words[1:]
                 self._close(speaker)
             text = diff_text.lstrip()
             if text.strip():

@@ -157,11 +157,6 @@ def test_words_follow_the_text() -> None:
         assert " ".join(w.text for w in seg.words) == seg.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transcript.py moves a continuing piece to the old segment's words but leaves it in "
-    "the new segment's text when the new text does not start with punctuation",
-)
 def test_words_follow_the_text_when_a_word_piece_starts_a_new_segment() -> None:
     updates = run([[Say(0, "hello word", 0.1, 1.0)], [], [Say(0, "ing more", 2.5, 3.0, True)]])
     for seg in (u for step in updates for u in step if u.final):
