@@ -14,18 +14,23 @@ What it measures, for each model size (random weights in the real classes and sh
   commit, transcript assembly);
 * speaker instances per step, state bytes per stream, and peak resident memory;
 * optionally (``--growth-sec``) whether a step's cost or a stream's state grows with the length
-  of the call: a few long calls, first ten steps against the last ten.
+  of the call: four long calls, the fastest of ten steps once the diarizer's caches are full
+  against the fastest of the last ten, and the largest state in each half of the call.
 
 How:
 
 * Call i is conversation ``i mod 4`` of ``producer_tools.conversation.default_conversations``,
-  rotated by ``2.5 s × (i div 4)`` so that copies differ. Each call is pushed whole, up front,
-  and ended; its features are computed at push time, which is timed and charged to the
-  throughput pro rata of the audio the measured steps consumed.
+  rotated by ``2.5 s × (i div 4)`` so that copies differ. Each call is pushed up front, whole
+  or (``--push-ms``) in pieces as input records would bring it, and ended; its features are
+  computed at push time, which is timed and charged to the throughput pro rata of the audio
+  the measured steps consumed.
 * One at a time: the N calls run in order through one engine, each until done or for
   ``--steps`` steps. Batched, right after: one engine holds all N calls; ``step()`` runs until
   every call is done, or for ``--steps`` steps. Running each N's pair back to back keeps a
   shared machine's changing load out of the ratio as far as possible; the table shows the load.
+* Each time is measured twice: wall time, and this process's CPU time, which other processes
+  on a shared machine barely change (with one torch thread it is what the wall time would be
+  on an idle machine); the speed-up is given on both.
 * The first step of every run (of every call, one at a time) is warm-up and is not measured:
   it meets new tensor shapes and the first chunk's special case.
 * State per stream is ``engine.state_bytes`` less the features of audio the up-front push left
@@ -35,9 +40,9 @@ How:
   lets it be reset per run, elsewhere it is the peak since the start (model loading included).
 
 Random weights make the greedy decoder emit a token at almost every decoding position, up to
-``max_symbols`` (10) per encoder frame, where a trained model mostly emits blanks; decoding, and
-the per-token transcript work, therefore cost more here than with the real checkpoints.
-``--max-symbols`` caps that to show the effect.
+``max_symbols`` per encoder frame (10 in the real-size build, as in the real checkpoint; 1 in
+the tiny one), where a trained model mostly emits blanks: decoding, and the per-token
+transcript work, cost more here than with the real checkpoints. ``--max-symbols`` sets the cap.
 
 Thread rule: one Python thread steps the engine (the main one); torch's intra-op threads are
 its own (``--threads``; on a busy machine with few cores, one thread is steadier than two).
@@ -49,6 +54,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime as dt
+import math
 import os
 import platform
 import resource
@@ -62,7 +68,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from worker.engine.engine import EngineConfig, StreamingEngine
+from worker.engine.config import EngineConfig
+from worker.engine.engine import StreamingEngine
 from worker.engine.models import LoadedModels, build_random_models, load_models
 
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "callscribe" / "models"
@@ -95,6 +102,7 @@ class RunStats:
     audio_sec: float  # audio the measured steps consumed, all calls together
     step_sec: float  # wall time of the measured steps
     feature_sec: float  # feature extraction (at push time) charged to that audio
+    cpu_sec: float  # this process's CPU time for both, which others' load barely changes
     diarizer_sec: float
     asr_sec: float
     overhead_sec: float
@@ -102,6 +110,7 @@ class RunStats:
     instances: int  # speaker instances run, summed over the measured steps
     state_bytes: float  # per stream: the largest seen, averaged over the calls
     peak_rss: int  # bytes
+    peak_gpu: int = 0  # bytes allocated by torch on CUDA at most (0 on the CPU)
 
     @property
     def wall_sec(self) -> float:
@@ -111,6 +120,11 @@ class RunStats:
     def throughput(self) -> float:
         """Audio seconds per wall second."""
         return self.audio_sec / self.wall_sec if self.wall_sec > 0 else 0.0
+
+    @property
+    def cpu_throughput(self) -> float:
+        """Audio seconds per CPU second of this process."""
+        return self.audio_sec / self.cpu_sec if self.cpu_sec > 0 else 0.0
 
     @property
     def step_total_sec(self) -> float:
@@ -140,6 +154,7 @@ def _combine(runs: Sequence[RunStats]) -> RunStats:
         audio_sec=sum(r.audio_sec for r in runs),
         step_sec=sum(r.step_sec for r in runs),
         feature_sec=sum(r.feature_sec for r in runs),
+        cpu_sec=sum(r.cpu_sec for r in runs),
         diarizer_sec=sum(r.diarizer_sec for r in runs),
         asr_sec=sum(r.asr_sec for r in runs),
         overhead_sec=sum(r.overhead_sec for r in runs),
@@ -147,6 +162,7 @@ def _combine(runs: Sequence[RunStats]) -> RunStats:
         instances=sum(r.instances for r in runs),
         state_bytes=float(np.mean([r.state_bytes for r in runs])),
         peak_rss=max(r.peak_rss for r in runs),
+        peak_gpu=max(r.peak_gpu for r in runs),
     )
 
 
@@ -165,24 +181,39 @@ class CallsResult:
         return self.batched.throughput / seq if seq > 0 else 0.0
 
     @property
+    def cpu_speedup(self) -> float:
+        seq = self.sequential.cpu_throughput
+        return self.batched.cpu_throughput / seq if seq > 0 else 0.0
+
+    @property
     def per_call_rtf(self) -> float:
         return self.batched.throughput / self.calls
 
 
 @dataclass(frozen=True)
+class StepSample:
+    """One step of the growth check: seconds, and the mean state per open stream."""
+
+    total: float
+    diarizer: float
+    asr: float
+    overhead: float
+    state_bytes: float
+
+
+@dataclass(frozen=True)
 class GrowthResult:
-    """The first and the last steps of a few long calls, per step and per stream."""
+    """A window of steps once the diarizer's speaker cache and FIFO are full, against the last
+    window of the call. Times: the fastest step of each window (other work on a shared machine
+    can slow a step, never speed it up); state: the largest in each half of the call."""
 
     calls: int
     call_sec: float
     steps: int
     window: int
-    first_step_ms: float
-    last_step_ms: float
-    first_overhead_ms: float
-    last_overhead_ms: float
-    first_state_bytes: float
-    last_state_bytes: float
+    start_sec: float  # audio time where the first window starts
+    start: StepSample
+    end: StepSample
 
 
 @dataclass(frozen=True)
@@ -194,7 +225,8 @@ class BenchReport:
     threads: int
     steps: int | None  # per run, warm-up included; None: every call to its end
     engine: EngineConfig
-    max_symbols: int | None
+    max_symbols: int  # the greedy decoder's tokens per encoder frame at most
+    push_ms: float  # pieces the calls were pushed in (0: whole)
     load_sec: float
     rss_after_load: int
     results: tuple[CallsResult, ...]
@@ -281,6 +313,7 @@ class _Accumulator:
     steps: int = 0
     audio_sec: float = 0.0
     step_sec: float = 0.0
+    cpu_sec: float = 0.0
     diarizer_sec: float = 0.0
     asr_sec: float = 0.0
     overhead_sec: float = 0.0
@@ -294,19 +327,26 @@ def _run(
     steps: int | None,
     progress: Progress,
     label: str,
-    per_step: list[tuple[float, float, float]] | None = None,
+    piece: int = 0,
+    per_step: list[StepSample] | None = None,
 ) -> RunStats:
-    """Push ``calls`` into ``engine`` (empty), step them together, and measure."""
+    """Push ``calls`` into ``engine`` (empty), ``piece`` samples at a time (0: whole), step
+    them together, and measure."""
     device = engine.device
     ids = [f"{label}-{i}" for i in range(len(calls))]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for stream_id, audio in zip(ids, calls, strict=True):
         engine.add_stream(stream_id)
-        engine.push_audio(stream_id, audio, sequence=0)
+        size = piece or len(audio)
+        for seq, start in enumerate(range(0, len(audio), size)):
+            engine.push_audio(stream_id, audio[start : start + size], sequence=seq)
         engine.end_stream(stream_id)
     _sync(device)
     push_sec = time.perf_counter() - started
+    push_cpu_sec = time.process_time() - cpu_started
     pushed_sec = sum(len(a) for a in calls) / engine.sample_rate
 
     acc = _Accumulator()
@@ -314,10 +354,10 @@ def _run(
     done = 0
     run_started = last_report = time.perf_counter()
     while engine.stream_ids and (steps is None or done < steps):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         updates = engine.step()
         _sync(device)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
         for update in updates:
             if update.error is not None:
                 raise RuntimeError(f"stream {update.stream_id} failed: {update.error.message}")
@@ -325,6 +365,7 @@ def _run(
         done += 1
         if done > 1:  # the first step is warm-up
             acc.step_sec += wall
+            acc.cpu_sec += cpu
             acc.audio_sec += sum(u.audio_sec for u in updates)
             if timing.streams:
                 acc.steps += 1
@@ -338,7 +379,11 @@ def _run(
                 state[stream_id] = max(state.get(stream_id, 0), size)
             if per_step is not None and timing.streams:
                 now_bytes = float(np.mean(list(live.values()))) if live else 0.0
-                per_step.append((timing.total, timing.overhead, now_bytes))
+                per_step.append(
+                    StepSample(
+                        timing.total, timing.diarizer, timing.asr, timing.overhead, now_bytes
+                    )
+                )
         now = time.perf_counter()
         if now - last_report >= PROGRESS_EVERY_SEC:
             total = "" if steps is None else f"/{steps}"
@@ -354,6 +399,7 @@ def _run(
         audio_sec=acc.audio_sec,
         step_sec=acc.step_sec,
         feature_sec=push_sec * acc.audio_sec / pushed_sec,
+        cpu_sec=acc.cpu_sec + push_cpu_sec * acc.audio_sec / pushed_sec,
         diarizer_sec=acc.diarizer_sec,
         asr_sec=acc.asr_sec,
         overhead_sec=acc.overhead_sec,
@@ -361,6 +407,7 @@ def _run(
         instances=acc.instances,
         state_bytes=float(np.mean(list(state.values()))) if state else 0.0,
         peak_rss=peak_rss(),
+        peak_gpu=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
     )
 
 
@@ -384,12 +431,14 @@ def run_benchmark(
     conversations: Sequence[np.ndarray] | None = None,
     growth_sec: float = 0.0,
     max_symbols: int | None = None,
+    push_ms: float = 0.0,
     load_sec: float = 0.0,
     progress: Progress = _quiet,
 ) -> BenchReport:
     """Measure ``models`` with each number of concurrent ``calls``; see the module docstring.
 
     ``steps``: steps per run, the first of which is warm-up (None: every call to its end).
+    ``push_ms``: push each call in pieces of this length, as records would bring it (0: whole).
     """
     if not calls or min(calls) < 1:
         raise ValueError(f"calls must be positive numbers, got {list(calls)}")
@@ -403,9 +452,10 @@ def run_benchmark(
     rss_after_load = current_rss()
     engine = StreamingEngine(models, config)
     all_calls = make_calls(conversations, max(calls), engine.sample_rate)
+    piece = round(push_ms * engine.sample_rate / 1000)
 
     progress("  warm-up: 1 call, 2 steps")
-    _run(engine, all_calls[:1], 2, progress, "warmup")
+    _run(engine, all_calls[:1], 2, progress, "warmup", piece)
 
     results = []
     for n in sorted(set(calls)):
@@ -414,22 +464,23 @@ def run_benchmark(
         progress(f"  {n} calls one at a time (load {load:.1f})")
         one_by_one = []
         for i, audio in enumerate(all_calls[:n]):
-            one_by_one.append(_run(engine, [audio], steps, progress, f"seq{n}-{i}"))
+            one_by_one.append(_run(engine, [audio], steps, progress, f"seq{n}-{i}", piece))
             if n > 1:
                 progress(f"    call {i + 1}/{n} done")
         progress(f"  {n} calls batched")
         _reset_peak_rss()
-        batched = _run(StreamingEngine(models, config), all_calls[:n], steps, progress, f"b{n}")
+        fresh = StreamingEngine(models, config)
+        batched = _run(fresh, all_calls[:n], steps, progress, f"b{n}", piece)
         results.append(CallsResult(n, batched, _combine(one_by_one), load))
         progress(
-            f"    {batched.throughput:.2f} audio s/s, speed-up {results[-1].speedup:.2f}x, "
-            f"RTF/call {results[-1].per_call_rtf:.2f}"
+            f"    {batched.throughput:.2f} audio s/s, speed-up {results[-1].speedup:.2f}x "
+            f"(CPU time: {results[-1].cpu_speedup:.2f}x), RTF/call {results[-1].per_call_rtf:.2f}"
         )
 
     growth = None
     if growth_sec > 0:
         progress(f"  growth check: {GROWTH_CALLS} calls of {growth_sec:.0f} s")
-        growth = _growth(models, config, conversations, growth_sec, progress)
+        growth = _growth(models, config, conversations, growth_sec, piece, progress)
 
     return BenchReport(
         size=size,
@@ -437,7 +488,8 @@ def run_benchmark(
         threads=torch.get_num_threads(),
         steps=steps,
         engine=config,
-        max_symbols=max_symbols,
+        max_symbols=int(models.asr.cfg.decoding.greedy.max_symbols),
+        push_ms=push_ms,
         load_sec=load_sec,
         rss_after_load=rss_after_load,
         results=tuple(results),
@@ -450,6 +502,7 @@ def _growth(
     config: EngineConfig,
     conversations: Sequence[np.ndarray],
     call_sec: float,
+    piece: int,
     progress: Progress,
 ) -> GrowthResult:
     config = dataclasses.replace(
@@ -460,28 +513,37 @@ def _growth(
     calls = []
     for audio in make_calls(conversations, GROWTH_CALLS, engine.sample_rate):
         calls.append(np.tile(audio, n // len(audio) + 1)[:n])
-    per_step: list[tuple[float, float, float]] = []
-    _run(engine, calls, None, progress, "long", per_step)
+    per_step: list[StepSample] = []
+    _run(engine, calls, None, progress, "long", piece, per_step)
     body = per_step[:-1]  # the last step runs a short final chunk
-    w = min(GROWTH_WINDOW, len(body) // 2)
+    # The diarizer's speaker cache and FIFO fill over the first ~30 s, and its cost with them.
+    fill_sec = (config.spkcache_len + config.fifo_len) * engine.frame_sec
+    first = math.ceil(fill_sec / engine.step_sec)  # measured steps start at the second chunk
+    w = min(GROWTH_WINDOW, (len(body) - first) // 2)
     if w < 1:
-        raise ValueError(f"growth check: {call_sec} s calls are too short")
-    first, last = body[:w], body[-w:]
+        raise ValueError(
+            f"growth check: {call_sec:g} s calls are too short, give at least "
+            f"{fill_sec + 4 * engine.step_sec:.0f} s"
+        )
 
-    def mean(rows: list[tuple[float, float, float]], k: int, scale: float = 1.0) -> float:
-        return float(np.mean([r[k] for r in rows])) * scale
+    def fastest(rows: list[StepSample], state: float) -> StepSample:
+        return StepSample(
+            total=min(r.total for r in rows),
+            diarizer=min(r.diarizer for r in rows),
+            asr=min(r.asr for r in rows),
+            overhead=min(r.overhead for r in rows),
+            state_bytes=state,
+        )
 
+    half = len(body) // 2
     return GrowthResult(
         calls=GROWTH_CALLS,
         call_sec=call_sec,
         steps=len(per_step),
         window=w,
-        first_step_ms=mean(first, 0, 1e3),
-        last_step_ms=mean(last, 0, 1e3),
-        first_overhead_ms=mean(first, 1, 1e3),
-        last_overhead_ms=mean(last, 1, 1e3),
-        first_state_bytes=first[0][2],
-        last_state_bytes=last[-1][2],
+        start_sec=(first + 1) * engine.step_sec,
+        start=fastest(body[first : first + w], max(r.state_bytes for r in body[:half])),
+        end=fastest(body[-w:], max(r.state_bytes for r in body[half:])),
     )
 
 
@@ -527,16 +589,17 @@ def format_report(report: BenchReport) -> str:
     """The report as text: markdown tables and a few lines around them."""
     cfg = report.engine
     steps = "every call to its end" if report.steps is None else f"{report.steps} steps per run"
-    symbols = "model default (10)" if report.max_symbols is None else str(report.max_symbols)
+    pushed = f"in {report.push_ms:g} ms pieces" if report.push_ms else "whole"
     lines = [
         f"### {report.size or 'models'}: {steps}, first step of each run not measured (warm-up)",
         "",
         f"Device {report.device}, {report.threads} torch threads; cache gating "
         f"{'on' if cfg.cache_gating else 'off'}, max speakers {cfg.max_speakers}, decoder max "
-        f"symbols/frame {symbols}. Models loaded in {report.load_sec:.0f} s; RSS after loading "
-        f"{report.rss_after_load / 2**30:.2f} GiB.",
+        f"symbols/frame {report.max_symbols}; calls pushed {pushed}. Models loaded in "
+        f"{report.load_sec:.0f} s; RSS after loading {report.rss_after_load / 2**30:.2f} GiB.",
         "",
     ]
+    cuda = report.device.startswith("cuda")
     rows = []
     for r in report.results:
         b = r.batched
@@ -546,13 +609,15 @@ def format_report(report: BenchReport) -> str:
                 str(b.steps),
                 f"{b.instances_per_step:.1f} ({b.instances_per_stream:.1f})",
                 f"{b.audio_sec:.1f}",
-                f"{b.wall_sec:.2f}",
                 f"{b.throughput:.2f}",
                 f"{r.per_call_rtf:.2f}",
                 f"{r.sequential.throughput:.2f}",
                 f"{r.speedup:.2f}x",
+                f"{b.cpu_throughput:.2f}",
+                f"{r.cpu_speedup:.2f}x",
                 f"{b.state_bytes / 1024:.0f}",
                 f"{b.peak_rss / 2**30:.2f}",
+                *([f"{b.peak_gpu / 2**30:.2f}"] if cuda else []),
                 f"{r.load_1m:.1f}",
             ]
         )
@@ -561,13 +626,15 @@ def format_report(report: BenchReport) -> str:
         "steps",
         "inst/step (/stream)",
         "audio s",
-        "wall s",
         "audio s/s",
         "RTF/call",
         "1-at-a-time audio s/s",
         "speed-up",
+        "audio s/CPU s",
+        "CPU speed-up",
         "state KiB/stream",
         "peak RSS GiB",
+        *(["peak GPU GiB"] if cuda else []),
         "load",
     ]
     lines += [_table(header, rows), ""]
@@ -590,32 +657,32 @@ def format_report(report: BenchReport) -> str:
     lines.append(
         "Times are means per measured step; % of the engine's step time. 'features': feature "
         "extraction at push time charged to that step's audio (counted in wall s, not in step ms). "
-        "inst/step: speaker instances per step (per call). load: 1-minute load average when the "
-        "pair of runs started."
+        "inst/step: speaker instances per step (per call). audio s/CPU s and CPU speed-up: the "
+        "same on this process's CPU time, which other processes' load barely changes. load: "
+        "1-minute load average when the pair of runs started."
     )
     g = report.growth
     if g is not None:
+
+        def row(label: str, x: StepSample) -> list[str]:
+            times = (x.total, x.diarizer, x.asr)
+            return [
+                label,
+                *(f"{t * 1e3:.0f}" for t in times),
+                f"{x.overhead * 1e3:.1f}",
+                f"{x.state_bytes / 1024:.0f}",
+            ]
+
         lines += [
             "",
-            f"Growth check: {g.calls} calls of {g.call_sec:.0f} s batched ({g.steps} steps); mean "
-            f"of the first {g.window} measured steps against the last {g.window}:",
+            f"Growth check: {g.calls} calls of {g.call_sec:.0f} s batched ({g.steps} steps). "
+            f"Times: the fastest of {g.window} steps from {g.start_sec:.0f} s (the diarizer's "
+            f"caches are full by then) and of the last {g.window}; state: the largest per "
+            "stream in the first and in the second half of the calls.",
             "",
             _table(
-                ["", "step ms", "overhead ms", "state KiB/stream"],
-                [
-                    [
-                        "first",
-                        f"{g.first_step_ms:.0f}",
-                        f"{g.first_overhead_ms:.1f}",
-                        f"{g.first_state_bytes / 1024:.0f}",
-                    ],
-                    [
-                        "last",
-                        f"{g.last_step_ms:.0f}",
-                        f"{g.last_overhead_ms:.1f}",
-                        f"{g.last_state_bytes / 1024:.0f}",
-                    ],
-                ],
+                ["", "step ms", "diarizer ms", "ASR ms", "overhead ms", "state KiB/stream"],
+                [row(f"from {g.start_sec:.0f} s", g.start), row("end", g.end)],
             ),
         ]
     return "\n".join(lines)
@@ -698,7 +765,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=(
             "Defaults: tiny runs every call to its end and a 120 s growth check; real runs "
             "4 steps per run (1 warm-up + 3 measured) and no growth check. Real-size models "
-            "are built once into the cache dir (~70 s, ~3 GB) and need ~9 GB RAM to load."
+            "are built once into the cache dir (~70 s, ~3 GB) and take 7-9 GB of RAM to load. "
+            "On a busy machine with few cores, --threads 1 gives steadier numbers than two "
+            "threads contending for two cores."
         ),
     )
     parser.add_argument(
@@ -747,8 +816,18 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help=(
-            "cap on the greedy decoder's tokens per encoder frame (default: the model's, 10; "
-            "random weights reach it at every frame, a trained model rarely emits one)"
+            "cap on the greedy decoder's tokens per encoder frame (default: the model's: 10 "
+            "real, 1 tiny; random weights reach it at every frame, a trained model mostly "
+            "emits blanks)"
+        ),
+    )
+    parser.add_argument(
+        "--push-ms",
+        type=float,
+        default=0.0,
+        help=(
+            "push each call in pieces of this many milliseconds, as input records would bring "
+            "it, so the feature extraction per push is measured too (default: 0, whole calls)"
         ),
     )
     parser.add_argument(
@@ -806,6 +885,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             config=config,
             growth_sec=growth,
             max_symbols=args.max_symbols,
+            push_ms=args.push_ms,
             load_sec=load_sec,
             progress=progress,
         )
