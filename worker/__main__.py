@@ -35,6 +35,8 @@ def load_engine_models(config):
     nemo_logging.set_verbosity(logging.ERROR)
     if config.float64:
         torch.set_default_dtype(torch.float64)
+    if config.torch_threads:
+        torch.set_num_threads(config.torch_threads)
     diarizer, asr = config.diarizer_model, config.asr_model
     if config.random_models != "none":
         log.info(

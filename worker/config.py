@@ -111,6 +111,10 @@ class WorkerConfig:
     device: str = field(
         default="", metadata=_help("torch device; empty: cuda when present, else cpu")
     )
+    torch_threads: int = field(
+        default=0,
+        metadata=_help("CPU threads for torch; 0: torch's default (set it below the cores free)"),
+    )
     float64: bool = field(default=False, metadata=_help("run the models in float64 (CPU tests)"))
     gap_policy: GapPolicy = field(
         default=GapPolicy.FILL_SILENCE,
@@ -185,6 +189,8 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.poll_timeout_ms * 10 > self.max_poll_interval_ms:
             raise ConfigError("poll_timeout_ms must be far below max_poll_interval_ms")
+        if self.torch_threads < 0:
+            raise ConfigError(f"torch_threads must be 0 or more, got {self.torch_threads}")
         if not 0 <= self.metrics_port < 65536:
             raise ConfigError(f"metrics_port must be 0..65535, got {self.metrics_port}")
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
