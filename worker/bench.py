@@ -195,6 +195,7 @@ class StepSample:
     """One step of the growth check: seconds, and the mean state per open stream."""
 
     total: float
+    cpu: float  # this process's CPU time
     diarizer: float
     asr: float
     overhead: float
@@ -381,7 +382,7 @@ def _run(
                 now_bytes = float(np.mean(list(live.values()))) if live else 0.0
                 per_step.append(
                     StepSample(
-                        timing.total, timing.diarizer, timing.asr, timing.overhead, now_bytes
+                        timing.total, cpu, timing.diarizer, timing.asr, timing.overhead, now_bytes
                     )
                 )
         now = time.perf_counter()
@@ -439,6 +440,7 @@ def run_benchmark(
 
     ``steps``: steps per run, the first of which is warm-up (None: every call to its end).
     ``push_ms``: push each call in pieces of this length, as records would bring it (0: whole).
+    ``max_symbols`` changes the decoding of ``models`` for good (see ``set_max_symbols``).
     """
     if not calls or min(calls) < 1:
         raise ValueError(f"calls must be positive numbers, got {list(calls)}")
@@ -529,6 +531,7 @@ def _growth(
     def fastest(rows: list[StepSample], state: float) -> StepSample:
         return StepSample(
             total=min(r.total for r in rows),
+            cpu=min(r.cpu for r in rows),
             diarizer=min(r.diarizer for r in rows),
             asr=min(r.asr for r in rows),
             overhead=min(r.overhead for r in rows),
@@ -665,7 +668,7 @@ def format_report(report: BenchReport) -> str:
     if g is not None:
 
         def row(label: str, x: StepSample) -> list[str]:
-            times = (x.total, x.diarizer, x.asr)
+            times = (x.total, x.cpu, x.diarizer, x.asr)
             return [
                 label,
                 *(f"{t * 1e3:.0f}" for t in times),
@@ -681,7 +684,15 @@ def format_report(report: BenchReport) -> str:
             "stream in the first and in the second half of the calls.",
             "",
             _table(
-                ["", "step ms", "diarizer ms", "ASR ms", "overhead ms", "state KiB/stream"],
+                [
+                    "",
+                    "step ms",
+                    "step CPU ms",
+                    "diarizer ms",
+                    "ASR ms",
+                    "overhead ms",
+                    "state KiB/stream",
+                ],
                 [row(f"from {g.start_sec:.0f} s", g.start), row("end", g.end)],
             ),
         ]
