@@ -51,15 +51,25 @@ def load_engine_models(config):
     )
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    from worker.config import ConfigError, describe, load_config
+def _load_config(args: argparse.Namespace):
+    """The validated configuration with logging set up, or None after saying what is wrong."""
+    from worker.config import ConfigError, load_config
 
     try:
         config = load_config(args)
     except ConfigError as exc:
         print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+        return None
     _setup_logging(config.log_level)
+    return config
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from worker.config import describe
+
+    config = _load_config(args)
+    if config is None:
+        return 2
     for line in describe(config):
         log.debug("setting %s", line)
 
@@ -138,15 +148,11 @@ def _give_up(grace: float) -> None:
 
 
 def cmd_create_topics(args: argparse.Namespace) -> int:
-    from worker.config import ConfigError, load_config
     from worker.service.topics import create_topics
 
-    try:
-        config = load_config(args)
-    except ConfigError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
+    config = _load_config(args)
+    if config is None:
         return 2
-    _setup_logging(config.log_level)
     created = create_topics(config, partitions=args.partitions, replication=args.replication)
     print(f"created: {', '.join(created) or 'nothing (all topics existed)'}")
     return 0

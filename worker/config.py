@@ -317,6 +317,24 @@ def load_config(
         raise ConfigError(str(exc)) from exc
 
 
+# The settings that put a worker into a deployment: where Kafka is, which topics, which group.
+CONNECTION_SETTINGS = (
+    "bootstrap_servers",
+    "input_topic",
+    "output_topic",
+    "dead_letter_topic",
+    "progress_topic",
+    "group_id",
+)
+
+
+def to_flags(config: WorkerConfig, names: Sequence[str] = CONNECTION_SETTINGS) -> list[str]:
+    """``python -m worker run`` flags that reproduce the settings ``names`` of ``config``."""
+    return [
+        arg for name in names for arg in (f"--{name.replace('_', '-')}", str(getattr(config, name)))
+    ]
+
+
 def describe(config: WorkerConfig) -> Sequence[str]:
     """One line per setting, for the start-up log."""
     lines = [

@@ -26,7 +26,7 @@ def _say(text: str) -> None:
     print(text, flush=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -54,7 +54,7 @@ def run_demo(keep_broker: bool = False, calls: int = 1) -> int:
         read_events,
         to_chunks,
     )
-    from worker.config import WorkerConfig
+    from worker.config import WorkerConfig, to_flags
     from worker.service.topics import create_topics
 
     if not KAFKA_LOCAL.exists():
@@ -100,25 +100,14 @@ def run_demo(keep_broker: bool = False, calls: int = 1) -> int:
                 "real, the words will be nonsense."
             )
             model_args = ["--random-models", "tiny"]
-        port = _free_port()
+        port = free_port()
         worker = subprocess.Popen(
             [
                 sys.executable,
                 "-m",
                 "worker",
                 "run",
-                "--bootstrap-servers",
-                bootstrap,
-                "--input-topic",
-                config.input_topic,
-                "--output-topic",
-                config.output_topic,
-                "--dead-letter-topic",
-                config.dead_letter_topic,
-                "--progress-topic",
-                config.progress_topic,
-                "--group-id",
-                config.group_id,
+                *to_flags(config),
                 "--metrics-port",
                 str(port),
                 "--metrics-host",

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from confluent_kafka import Producer
 
 from producer_tools.stream import CallAudio, interleave, publish, read_events, to_chunks
 from tests.integration.test_worker import _calls, _config, _direct_finals
+from worker.config import to_flags
+from worker.demo import free_port
 from worker.service.topics import create_topics
 
 pytestmark = pytest.mark.slow
@@ -28,15 +29,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 READY_TIMEOUT_S = 400
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class WorkerProcess:
     def __init__(self, config, name: str, log_dir: Path) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.name = name
         self.log = open(log_dir / f"{name}.log", "w")  # noqa: SIM115 - closed in wait()
         cmd = [
@@ -44,18 +39,7 @@ class WorkerProcess:
             "-m",
             "worker",
             "run",
-            "--bootstrap-servers",
-            config.bootstrap_servers,
-            "--input-topic",
-            config.input_topic,
-            "--output-topic",
-            config.output_topic,
-            "--dead-letter-topic",
-            config.dead_letter_topic,
-            "--progress-topic",
-            config.progress_topic,
-            "--group-id",
-            config.group_id,
+            *to_flags(config),
             "--random-models",
             "tiny",
             "--float64",

@@ -12,6 +12,7 @@ from worker.config import (
     WorkerConfig,
     build_parser,
     load_config,
+    to_flags,
 )
 
 
@@ -96,3 +97,10 @@ def test_help_lists_every_setting(capsys) -> None:
 def test_run_with_a_bad_setting_exits_2(capsys) -> None:
     assert main(["run", "--idle-timeout-sec", "-1"]) == 2
     assert "idle_timeout_sec must be positive" in capsys.readouterr().err
+
+
+def test_flags_reproduce_the_connection_settings() -> None:
+    config = load_config(environ={}, overrides={"input_topic": "in-x", "group_id": "g-x"})
+    again = load_config(build_parser().parse_args(to_flags(config)), environ={})
+    assert again == config
+    assert to_flags(config)[:2] == ["--bootstrap-servers", config.bootstrap_servers]
