@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Self
 
@@ -185,13 +185,15 @@ EVENT_ID_NAMESPACE = uuid.UUID("6f1c3d2e-8a4b-5c7d-9e0f-1a2b3c4d5e6f")
 _NAMESPACE_BYTES = EVENT_ID_NAMESPACE.bytes
 
 
-def make_event_id(stream_id: str, segment_index: int, revision: int) -> str:
+def make_event_id(stream_id: str, segment_index: int, revision: int, call: int = 0) -> str:
     """The deterministic id of a transcript event: equal wherever and however often it is made.
 
-    It is ``uuid5(EVENT_ID_NAMESPACE, "<stream>\\0<segment>\\0<revision>")``, computed here
-    without ``uuid.uuid5``'s overhead (this runs once per output event).
+    ``call`` is the input offset of the call's first record, so a stream id reused for a later
+    call gets ids of its own. The id is
+    ``uuid5(EVENT_ID_NAMESPACE, "<stream>\\0<call>\\0<segment>\\0<revision>")``, computed
+    here without ``uuid.uuid5``'s overhead (this runs once per output event).
     """
-    name = f"{stream_id}\x00{segment_index}\x00{revision}".encode()
+    name = f"{stream_id}\x00{call}\x00{segment_index}\x00{revision}".encode()
     digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + name).digest()[:16])
     digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
     digest[8] = (digest[8] & 0x3F) | 0x80  # RFC 4122 variant
@@ -211,17 +213,37 @@ class StreamProgress:
     first_offset: int
     events_emitted: int
     segments: int = 0
+    last_event_id: str | None = None
+    end_at: int = -1
 
     def to_avro(self) -> dict[str, Any]:
-        return {
-            "stream_id": self.stream_id,
-            "input_topic": self.input_topic,
-            "partition": self.partition,
-            "first_offset": self.first_offset,
-            "events_emitted": self.events_emitted,
-            "segments": self.segments,
-        }
+        return _fields_of(self)
 
     @classmethod
     def from_avro(cls, data: dict[str, Any]) -> Self:
         return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionCheckpoint:
+    """Where the last checkpoint left an input partition (``partition_checkpoint.avsc``)."""
+
+    SCHEMA = "partition_checkpoint"
+
+    input_topic: str
+    partition: int
+    next_offset: int
+    partition_time_ms: int
+    worker_id: str = ""
+
+    def to_avro(self) -> dict[str, Any]:
+        return _fields_of(self)
+
+    @classmethod
+    def from_avro(cls, data: dict[str, Any]) -> Self:
+        return cls(**data)
+
+
+def _fields_of(record: Any) -> dict[str, Any]:
+    """A flat record's Avro dict: its dataclass fields by name."""
+    return {f.name: getattr(record, f.name) for f in fields(record)}

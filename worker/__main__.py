@@ -78,6 +78,29 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.metrics import Health, HttpEndpoints, Metrics
     from worker.service.loop import FatalWorkerError, ModelNames, Worker
 
+    # Signals are taken from the start: a SIGTERM while the models load exits cleanly, too.
+    worker: Worker | None = None
+    stop_requested = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stop_requested
+        log.info(
+            "%s: finishing the current step, checkpointing, leaving the group",
+            signal.Signals(signum).name,
+        )
+        stop_requested = True
+        if worker is not None:
+            worker.stop()
+        # A drain that hangs must not keep the pod past its grace period.
+        timer = threading.Timer(
+            config.shutdown_grace_sec, _give_up, args=(config.shutdown_grace_sec,)
+        )
+        timer.daemon = True
+        timer.start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+
     metrics = Metrics()
     health = Health(stale_after_sec=max(60.0, config.max_poll_interval_ms / 1000))
     http = None
@@ -115,22 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         health,
         device_memory=device_memory,
     )
-
-    def on_signal(signum: int, _frame: object) -> None:
-        log.info(
-            "%s: finishing the current step, checkpointing, leaving the group",
-            signal.Signals(signum).name,
-        )
-        worker.stop()
-        # A drain that hangs must not keep the pod past its grace period.
-        timer = threading.Timer(
-            config.shutdown_grace_sec, _give_up, args=(config.shutdown_grace_sec,)
-        )
-        timer.daemon = True
-        timer.start()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    if stop_requested:
+        log.info("stopped before serving")
+        return 0
     try:
         worker.run()
     except FatalWorkerError as exc:

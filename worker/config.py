@@ -124,10 +124,17 @@ class WorkerConfig:
         metadata=_help("missing chunks in a stream: fill_silence, end_stream or dead_letter"),
     )
     idle_timeout_sec: float = field(
-        default=30.0, metadata=_help("end a stream after this long without a chunk")
+        default=30.0,
+        metadata=_help(
+            "end a call whose newest record is this much older than its partition's newest "
+            "(record timestamps), or whose partition got no record at all for this long"
+        ),
     )
     max_streams: int = field(
-        default=256, metadata=_help("open streams per worker; past it, partitions pause")
+        default=256,
+        metadata=_help(
+            "open calls per worker; a new call past it waits (its partition pauses) for a slot"
+        ),
     )
     max_payload_bytes: int = field(
         default=1_048_576, metadata=_help("largest AudioChunk payload accepted")
@@ -140,12 +147,24 @@ class WorkerConfig:
         default=4 * 3600.0,
         metadata=_help("a stream longer than this is ended; bounds recovery replay"),
     )
-    max_worker_buffered_sec: float = field(
-        default=600.0,
-        metadata=_help("audio buffered in the engine per worker before partitions pause"),
+    max_stream_buffered_sec: float = field(
+        default=8.0,
+        metadata=_help(
+            "unprocessed audio per call before its partition pauses until the engine catches "
+            "up (a backlog is read at engine speed, never failed)"
+        ),
     )
-    ended_streams_remembered: int = field(
-        default=100_000, metadata=_help("ended stream ids kept to reject late chunks")
+    max_gap_fill_sec: float = field(
+        default=10.0,
+        metadata=_help("longest run of missing chunks filled with silence; past it, dead letter"),
+    )
+    duplicate_window: int = field(
+        default=64,
+        metadata=_help("recent chunks per call whose digest tells a repeat from a conflict"),
+    )
+    max_dead_letter_original_bytes: int = field(
+        default=65_536,
+        metadata=_help("a dead letter keeps at most this much of the original record"),
     )
     transaction_interval_ms: int = field(
         default=200, metadata=_help("how often outputs and offsets commit")
@@ -160,6 +179,24 @@ class WorkerConfig:
     poll_timeout_ms: int = field(default=50, metadata=_help("longest wait in one consumer poll"))
     max_poll_interval_ms: int = field(default=300_000, metadata=_help("Kafka max.poll.interval.ms"))
     session_timeout_ms: int = field(default=10_000, metadata=_help("Kafka session.timeout.ms"))
+    kafka_retry_sec: float = field(
+        default=120.0,
+        metadata=_help(
+            "how long a retriable Kafka error (broker down) is retried before the transaction "
+            "is aborted and rebuilt"
+        ),
+    )
+    max_producer_restarts: int = field(
+        default=5,
+        metadata=_help("producers replaced after fatal errors without a commit between: then exit"),
+    )
+    recovery_timeout_sec: float = field(
+        default=120.0,
+        metadata=_help(
+            "longest wait for the progress topic to catch up with the committed offsets "
+            "(a dead worker's open transaction); must exceed transaction_timeout_ms"
+        ),
+    )
     shutdown_grace_sec: float = field(
         default=20.0, metadata=_help("time to drain on SIGTERM before exiting")
     )
@@ -180,8 +217,12 @@ class WorkerConfig:
             "max_chunk_sec": self.max_chunk_sec,
             "max_stream_id_length": self.max_stream_id_length,
             "max_stream_sec": self.max_stream_sec,
-            "max_worker_buffered_sec": self.max_worker_buffered_sec,
-            "ended_streams_remembered": self.ended_streams_remembered,
+            "max_stream_buffered_sec": self.max_stream_buffered_sec,
+            "max_gap_fill_sec": self.max_gap_fill_sec,
+            "duplicate_window": self.duplicate_window,
+            "max_dead_letter_original_bytes": self.max_dead_letter_original_bytes,
+            "kafka_retry_sec": self.kafka_retry_sec,
+            "recovery_timeout_sec": self.recovery_timeout_sec,
             "transaction_interval_ms": self.transaction_interval_ms,
             "transaction_timeout_ms": self.transaction_timeout_ms,
             "poll_timeout_ms": self.poll_timeout_ms,
@@ -192,6 +233,23 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.poll_timeout_ms * 10 > self.max_poll_interval_ms:
             raise ConfigError("poll_timeout_ms must be far below max_poll_interval_ms")
+        if self.max_producer_restarts < 0:
+            raise ConfigError(
+                f"max_producer_restarts must be 0 or more, got {self.max_producer_restarts}"
+            )
+        per_call = self.max_stream_buffered_sec + self.max_gap_fill_sec + self.max_chunk_sec
+        if per_call > self.engine.max_buffered_audio_sec:
+            raise ConfigError(
+                "max_stream_buffered_sec + max_gap_fill_sec + max_chunk_sec "
+                f"({per_call:g} s) must not exceed the engine's max_buffered_audio_sec "
+                f"({self.engine.max_buffered_audio_sec:g} s): a call could then fail for "
+                "audio it was waiting to process"
+            )
+        if self.recovery_timeout_sec * 1000 <= self.transaction_timeout_ms:
+            raise ConfigError(
+                "recovery_timeout_sec must exceed transaction_timeout_ms: a new owner waits "
+                "that long for a dead worker's transaction to end"
+            )
         if self.torch_threads < 0:
             raise ConfigError(f"torch_threads must be 0 or more, got {self.torch_threads}")
         if not 0 <= self.metrics_port < 65536:

@@ -101,6 +101,20 @@ class Metrics:
         self.paused = Gauge(
             f"{p}paused_partitions", "Partitions paused by backpressure", registry=r
         )
+        self.replay_mismatches = Counter(
+            f"{p}replay_mismatches_total",
+            "Replays that did not re-make the committed events (non-deterministic output)",
+            registry=r,
+        )
+        self.overcommits = Counter(
+            f"{p}admission_overcommits_total",
+            "Calls admitted past max_streams because every partition was waiting for a slot",
+            registry=r,
+        )
+        self.producer_restarts = Counter(
+            f"{p}producer_restarts_total", "Producers replaced after a fatal error", registry=r
+        )
+        self._stable_offsets: dict[str, int] = {}
 
     def on_record(self, partition: int) -> None:
         self.records.labels(partition=str(partition)).inc()
@@ -163,17 +177,35 @@ class Metrics:
     def on_gpu_memory(self, allocated: int) -> None:
         self.gpu_memory.set(allocated)
 
+    def on_replay_mismatch(self) -> None:
+        self.replay_mismatches.inc()
+
+    def on_overcommit(self) -> None:
+        self.overcommits.inc()
+
+    def on_producer_restart(self) -> None:
+        self.producer_restarts.inc()
+
     def on_client_stats(self, stats_json: str) -> None:
-        """librdkafka statistics (``stats_cb``): per-partition consumer lag."""
+        """librdkafka statistics (``stats_cb``): each partition's last stable offset."""
         try:
             stats = json.loads(stats_json)
         except ValueError:
             return
         for topic in stats.get("topics", {}).values():
             for pid, part in topic.get("partitions", {}).items():
-                lag = part.get("consumer_lag", -1)
-                if pid != "-1" and lag is not None and lag >= 0:
-                    self.lag.labels(partition=pid).set(lag)
+                stable = part.get("ls_offset", -1)
+                if pid != "-1" and isinstance(stable, int) and stable >= 0:
+                    self._stable_offsets[pid] = stable
+
+    def on_positions(self, positions: dict[int, int]) -> None:
+        """Processing positions after a checkpoint: lag is the last stable offset minus them
+        (librdkafka's own ``consumer_lag`` needs consumer-committed offsets, which
+        exactly-once mode never makes)."""
+        for partition, position in positions.items():
+            stable = self._stable_offsets.get(str(partition))
+            if stable is not None:
+                self.lag.labels(partition=str(partition)).set(max(0, stable - position))
 
 
 class Health:

@@ -89,7 +89,9 @@ def _calls(count: int) -> dict[str, np.ndarray]:
 
 
 def _direct_finals(models: LoadedModels, config: WorkerConfig, audio: np.ndarray) -> list[tuple]:
-    """The engine on one call alone, fed the same 16 kHz samples the worker decodes."""
+    """The engine on one call alone, fed the same 16 kHz samples the worker decodes, told of
+    the end once its full chunks are stepped (as the worker does), speakers named by first
+    appearance (as the worker names them)."""
     torch.set_default_dtype(torch.float64)
     engine = StreamingEngine(models, config.engine)
     engine.add_stream("x")
@@ -99,18 +101,26 @@ def _direct_finals(models: LoadedModels, config: WorkerConfig, audio: np.ndarray
     decoder = AudioDecoder(AudioEncoding.PCM_S16LE, 16000, 1)
     for chunk in chunks:
         engine.push_audio("x", decoder.decode(chunk.payload), chunk.sequence)
-    engine.end_stream("x")
-    finals = []
+    updates = []
     while engine.ready_streams():
-        for update in engine.step():
-            finals += [_key(s) for s, _ in update.segments if s.final]
+        updates += engine.step()
+    engine.end_stream("x")
+    while engine.ready_streams():
+        updates += engine.step()
+    labels: dict[str, str] = {}
+    finals = []
+    for update in updates:
+        for segment, _ in update.segments:
+            label = labels.setdefault(segment.speaker, f"speaker_{len(labels)}")
+            if segment.final:
+                finals.append(_key(segment, label))
     return finals
 
 
-def _key(segment) -> tuple:
+def _key(segment, speaker: str) -> tuple:
     return (
         segment.segment_index,
-        segment.speaker,
+        speaker,
         segment.text,
         round(segment.start_s, 6),
         round(segment.end_s, 6),
@@ -236,23 +246,50 @@ def test_bad_input_is_dead_lettered_and_good_calls_complete(kafka_bootstrap, fp6
         (
             b"late-call",
             codec.encode(_replace(good, stream_id="late-call", sequence=3)),
-            "missing_stream_start",
+            "stream_not_open",
+        ),
+        # Poison records that once crashed the worker (issue 7):
+        (b"bad-call", codec.encode(_replace(good, sequence=-1)), "invalid_sequence"),
+        (  # near 1 MB: its dead letter must still fit under the producer's message size limit
+            b"bad-call",
+            codec.encode(_replace(good, payload=b"\x01" * 900_000)),
+            "payload_too_large",
+        ),
+        (
+            b"odd-call",
+            codec.encode(_replace(good, stream_id="odd-call", payload=b"\x00" * 3)),
+            "misaligned_payload",
         ),
     ]
+    # A call that ends, then gets another chunk; one whose chunk 0 repeats with other audio;
+    # one with an absurd sequence number.
+    ended = to_chunks(CallAudio("ended-call", np.zeros(8000, dtype=np.float32)), chunk_ms=200)
+    after_end = _replace(ended[-1], sequence=ended[-1].sequence + 1, end_of_stream=False)
+    dup = to_chunks(CallAudio("dup-call", np.zeros(8000, dtype=np.float32)), chunk_ms=200)
+    conflicting = _replace(dup[0], payload=b"\x01\x02" * (len(dup[0].payload) // 2))
+    absurd = _replace(dup[1], sequence=10**15)
+    poison_calls = [*ended, after_end, dup[0], conflicting, absurd, *dup[1:]]
+    poison_reasons = ["stream_not_open", "conflicting_duplicate", "sequence_gap_too_large"]
     gap_call = to_chunks(CallAudio("gap-call", np.zeros(16000, dtype=np.float32)), start_ms=0)
     producer = Producer({"bootstrap.servers": config.bootstrap_servers})
-    with RunningWorker(config, fp64_models):
+    with RunningWorker(config, fp64_models) as running:
         for key, value, _ in bad:
             producer.produce(config.input_topic, key=key, value=value)
         publish(producer, config.input_topic, [gap_call[0], gap_call[2]])  # sequence 1 missing
+        publish(producer, config.input_topic, poison_calls)
         _publish_calls(config, calls)
         finals = _finals_by_call(config, calls)
-        letters = _dead_letters(config, expected=len(bad) + 1)
+        letters = _dead_letters(config, expected=len(bad) + 1 + len(poison_reasons))
+        assert running.worker.health.alive()
     reasons = sorted(d.reason for d in letters)
-    assert reasons == sorted([r for _, _, r in bad] + ["sequence_gap"])
+    assert reasons == sorted([r for _, _, r in bad] + ["sequence_gap", *poison_reasons])
     for letter in letters:
         assert letter.source_topic == config.input_topic and letter.message
         assert letter.original_value is not None
+        assert len(letter.original_value) <= config.max_dead_letter_original_bytes
+    cut = [d for d in letters if "truncated" in d.message]
+    assert len(cut) == 2  # the two records over max_dead_letter_original_bytes
+    assert all(d.reason == "payload_too_large" and "sha256" in d.message for d in cut)
     for sid, audio in calls.items():
         assert sorted(finals[sid]) == sorted(_direct_finals(fp64_models, config, audio)), sid
 

@@ -109,8 +109,10 @@ def test_confluent_framing_is_magic_byte_and_big_endian_id() -> None:
 def test_event_ids_are_deterministic_and_distinct() -> None:
     assert make_event_id("a", 0, 0) == make_event_id("a", 0, 0)
     for stream, seg, rev in [("a", 0, 0), ("call-42", 3, 1), ("ünï", 10**9, 7)]:
-        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream}\x00{seg}\x00{rev}")
-        assert make_event_id(stream, seg, rev) == str(expected)
+        expected = uuid.uuid5(EVENT_ID_NAMESPACE, f"{stream}\x0017\x00{seg}\x00{rev}")
+        assert make_event_id(stream, seg, rev, call=17) == str(expected)
+    # A stream id reused for a later call (starting at another offset) gets other ids.
+    assert make_event_id("a", 0, 0, call=0) != make_event_id("a", 0, 0, call=5)
     ids = {make_event_id(s, seg, rev) for s in ("a", "b") for seg in range(3) for rev in range(3)}
     assert len(ids) == 18
     # The separator keeps ("a1", 0) and ("a", 10) apart.

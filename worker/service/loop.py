@@ -1,33 +1,38 @@
-"""The worker loop: consume → decode → admit to its stream → engine step → produce → checkpoint.
+"""The worker loop: consume → inspect → admit to its call → engine step → produce → checkpoint.
 
 Thread rule: one thread runs this loop and owns the consumer, the producer and the engine
 (and so the GPU). The only other thread is the HTTP endpoints' (metrics, health).
 
-Delivery. In ``exactly_once`` mode every checkpoint is one Kafka transaction holding the
-transcript events and dead letters produced since the last one, the progress records of the
-streams that changed, and the consumer offsets (``send_offsets_to_transaction``). In
-``at_least_once`` mode the same records are flushed, and then the offsets committed.
+The invariant. After every checkpoint, for each partition the worker owns:
 
-Recovery by replay. A stream's model state (≈30 MB at real size) is not checkpointed; its
-audio is. The progress topic (compacted, written in the same transaction) holds, per open
-stream, the offset of its first record and how many events it has emitted. The invariant:
+    the committed input offset is past every record handled; the progress topic holds, for
+    each call open at that point, its first offset, its committed event count and last event
+    id (and where it ended, if it is finishing), plus a marker with the committed offset; and
+    the committed output holds exactly those events of each call, and every dead letter of a
+    record below the committed offset.
 
-    after every checkpoint, for each open stream of a partition, the committed output holds
-    exactly its first ``events_emitted`` events, and the committed offset is past every
-    record the worker has read.
+In ``exactly_once`` mode outputs, progress and offsets are one transaction (``checkpoint.py``).
 
-A new owner of a partition reads the progress of its open streams, seeks to the smallest
-first offset, re-feeds each open stream's records below the committed offset to the engine
-(which is deterministic per stream) while swallowing the first ``events_emitted`` events, and
-skips every other record below the committed offset (already handled). So nothing committed is
-emitted twice and nothing is lost; the committed offset stays the processing position, so
-consumer lag is reported from it. The input topic must retain records for as long as a stream
-can stay open (``max_stream_sec`` plus ``idle_timeout_sec``), and recovery re-reads at most
-that much audio per open stream.
+Output is a function of the input records alone. A call's events depend only on its own
+records: the engine steps a call one fixed-size chunk at a time, and a call that has ended is
+told so only once none of its full chunks is waiting, so the same records give the same
+events however they were batched. Idle ends run on event time (record timestamps of the
+partition); only a partition with no record at all for ``idle_timeout_sec`` ends its calls on
+the wall clock, and that decision is committed with its effects. Pausing (a full worker, a
+call far ahead of the engine) changes timing, never output.
 
-Rebalances (cooperative): revoked partitions are checkpointed, then their streams dropped
-from the engine (the new owner resumes them); lost partitions, and any failed transaction,
-abort the open transaction and rebuild every owned stream from the last checkpoint.
+Recovery by replay (``recovery.py``). A new owner of a partition, or this worker after an
+aborted transaction, reads the last checkpoint, seeks to the first record of the oldest open
+call, re-feeds each open call's records below the committed offset to the engine and swallows
+the events it re-makes up to the last committed one, matched by id; every other record below
+the committed offset was handled before and is skipped. The input topic must keep records for
+as long as a call can stay open (``max_stream_sec`` plus ``idle_timeout_sec``); a call whose
+first record is gone is ended with a ``replay_unavailable`` dead letter.
+
+Failures: a bad record is a dead letter with a reason, never an exception out of the loop; an
+aborted transaction drops the turn and rebuilds every owned call from the last checkpoint; a
+fatal producer error replaces the producer (bounded); only a broken worker stops the loop,
+without committing.
 """
 
 from __future__ import annotations
@@ -37,40 +42,34 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-from confluent_kafka import (
-    OFFSET_BEGINNING,
-    Consumer,
-    KafkaError,
-    KafkaException,
-    Message,
-    Producer,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
 
-from schemas import (
-    AudioChunk,
-    CodecError,
-    DeadLetter,
-    EventKind,
-    RecordCodec,
-    StreamProgress,
-    TranscriptEvent,
-    Word,
-    make_event_id,
-)
-from worker.audio import AudioDecoder, AudioFormatError, check_format
+from schemas import AudioChunk, PartitionCheckpoint, RecordCodec, StreamProgress, TranscriptEvent
+from schemas import DeadLetter as DeadLetterRecord
+from worker.audio import TARGET_SAMPLE_RATE, AudioDecoder
 from worker.config import DeliveryMode, GapPolicy, WorkerConfig
 from worker.engine.results import StreamError, StreamUpdate
 from worker.metrics import Health, Metrics
-from worker.service.streams import EndedStreams, OpenStream, Order, PartitionStreams
+from worker.service.admission import Limits, Placement, Rejected, chunk_seconds, inspect, place
+from worker.service.checkpoint import (
+    Checkpoint,
+    FatalProducerError,
+    FatalWorkerError,
+    TransactionAborted,
+)
+from worker.service.clients import KafkaClients
+from worker.service.events import ModelNames, Source, dead_letter, end_event, segment_event
+from worker.service.recovery import PartitionSnapshot, Recovery, progress_key
+from worker.service.streams import NO_END, OpenStream, PartitionStreams, Replay
+
+__all__ = ["Engine", "FatalWorkerError", "ModelNames", "Worker"]
 
 log = logging.getLogger(__name__)
 
 _CONSUME_BATCH = 1000
-_SAMPLE_RATE = 16_000
 
 
 class Engine(Protocol):
@@ -87,13 +86,11 @@ class Engine(Protocol):
 
 
 @dataclass(frozen=True)
-class ModelNames:
-    diarizer: str
-    asr: str
+class _Hold:
+    """Why a partition is paused at ``offset`` (it was seeked back to that record)."""
 
-
-class FatalWorkerError(RuntimeError):
-    """The worker cannot go on (e.g. fenced by a newer instance); it stops without committing."""
+    offset: int
+    stream_key: str | None  # a call too far ahead of the engine; None: waiting for a slot
 
 
 class Worker:
@@ -106,8 +103,10 @@ class Worker:
         models: ModelNames,
         metrics: Metrics,
         health: Health,
+        clients: KafkaClients | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        sleep: Callable[[float], None] = time.sleep,
         device_memory: Callable[[], int] | None = None,
     ) -> None:
         self.cfg = config
@@ -120,29 +119,46 @@ class Worker:
         self.device_memory = device_memory  # bytes the engine holds on its device, if measurable
         self.instance = config.instance_id or f"worker-{uuid.uuid4().hex[:8]}"
         self.eos = config.delivery is DeliveryMode.EXACTLY_ONCE
+        self.limits = Limits(
+            max_stream_id_length=config.max_stream_id_length,
+            max_payload_bytes=config.max_payload_bytes,
+            max_chunk_sec=config.max_chunk_sec,
+            max_gap_fill_sec=config.max_gap_fill_sec,
+        )
         wf = config.wire_format
         self.chunks = RecordCodec(AudioChunk, wf, schema_id=config.schema_id_audio_chunk)
         self.events = RecordCodec(TranscriptEvent, wf, schema_id=config.schema_id_transcript_event)
-        self.dead = RecordCodec(DeadLetter, wf, schema_id=config.schema_id_dead_letter)
+        self.dead = RecordCodec(DeadLetterRecord, wf, schema_id=config.schema_id_dead_letter)
         self.progress = RecordCodec(StreamProgress)
+        self.markers = RecordCodec(PartitionCheckpoint)
+        clients = clients or KafkaClients()
         self.parts: dict[int, PartitionStreams] = {}
-        self.by_id: dict[str, OpenStream] = {}
-        self.ended = EndedStreams(config.ended_streams_remembered)
-        self.positions: dict[int, int] = {}  # partition -> next offset to process
-        self.paused: set[int] = set()
-        self.admission_blocked: set[int] = set()
+        self.by_key: dict[str, OpenStream] = {}  # every call held, by engine key
+        self.positions: dict[int, int] = {}  # partition -> next offset to handle
+        self.holds: dict[int, _Hold] = {}
+        self.resync: dict[int, int] = {}  # released hold: the next record must be at this offset
+        self.counted_until: dict[int, int] = {}  # records below were counted in the metrics
         self._stopping = False
-        self._last_checkpoint = clock()
-        self._delivery_errors: list[str] = []
         self._need_rebuild = False
-        self._produced = 0  # records produced since the last checkpoint
+        self._restarts = 0  # producer replacements since the last good commit
+        self._last_checkpoint = clock()
         self._committed_positions: dict[int, int] = {}
-        self.consumer = Consumer(self._consumer_conf())
-        self.producer = Producer(self._producer_conf())
+        self.consumer = clients.consumer(self._consumer_conf())
+        self.out = Checkpoint(
+            clients,
+            self._producer_conf(),
+            self.eos,
+            metrics,
+            health,
+            retry_sec=config.kafka_retry_sec,
+            sleep=sleep,
+            clock=clock,
+        )
+        self.recovery = Recovery(config, clients, health, clock=clock, sleep=sleep)
 
     # -- clients ----------------------------------------------------------------------------
 
-    def _consumer_conf(self) -> dict:
+    def _consumer_conf(self) -> dict[str, Any]:
         conf = {
             "bootstrap.servers": self.cfg.bootstrap_servers,
             "group.id": self.cfg.group_id,
@@ -150,6 +166,7 @@ class Worker:
             "auto.offset.reset": "earliest",
             "partition.assignment.strategy": "cooperative-sticky",
             "isolation.level": "read_committed",
+            "enable.partition.eof": True,  # tells the loop a partition is caught up
             "max.poll.interval.ms": self.cfg.max_poll_interval_ms,
             "session.timeout.ms": self.cfg.session_timeout_ms,
             "statistics.interval.ms": 5000,
@@ -160,7 +177,7 @@ class Worker:
             conf["group.instance.id"] = self.cfg.instance_id
         return conf
 
-    def _producer_conf(self) -> dict:
+    def _producer_conf(self) -> dict[str, Any]:
         conf = {
             "bootstrap.servers": self.cfg.bootstrap_servers,
             "enable.idempotence": True,
@@ -169,6 +186,7 @@ class Worker:
             "logger": logging.getLogger("kafka.producer"),
         }
         if self.eos:
+            # Stable per worker identity: a restarted worker fences its predecessor at once.
             conf["transactional.id"] = f"{self.cfg.group_id}-{self.instance}"
             conf["transaction.timeout.ms"] = self.cfg.transaction_timeout_ms
         return conf
@@ -176,10 +194,8 @@ class Worker:
     # -- the loop ---------------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until ``stop()``; then drain, checkpoint and leave the group."""
-        if self.eos:
-            self.producer.init_transactions(30)
-            self.producer.begin_transaction()
+        """Serve until ``stop()``; then checkpoint and leave the group."""
+        self.out.start()
         self.consumer.subscribe(
             [self.cfg.input_topic],
             on_assign=self._on_assign,
@@ -199,7 +215,7 @@ class Worker:
             self._drain()
         finally:
             self.consumer.close()  # leaves the group; revocation checkpoints once more
-            self.producer.flush(10)
+            self.out.close()
             log.info("worker %s stopped", self.instance)
 
     def stop(self) -> None:
@@ -207,32 +223,31 @@ class Worker:
         self._stopping = True
 
     def run_once(self) -> None:
-        """One turn: poll, admit records, one engine step, maybe a checkpoint."""
+        """One turn: poll, handle records, one engine step, maybe a checkpoint. A turn whose
+        transaction aborts ends at once: nothing after the abort is produced or committed."""
         self.health.beat()
-        self.health.assigned_or_idle = True
-        if self._need_rebuild:
-            self._rebuild_all()
-        messages = self._consume()
-        blocked: set[int] = set()
-        for message in messages:
-            if message.partition() in blocked:
-                continue
-            if message.error():
-                self._on_consume_error(message.error())
-                continue
-            if not self._handle(message):
-                blocked.add(message.partition())
-        self._end_idle_streams()
-        if self.engine.ready_streams():
-            self._emit(self.engine.step())
-            if self.device_memory is not None:
-                self.metrics.on_gpu_memory(self.device_memory())
-        self._apply_backpressure()
-        due = self.clock() - self._last_checkpoint >= self.cfg.transaction_interval_ms / 1000
-        if due and (self._produced or self.positions != self._committed_positions):
-            self.checkpoint()
+        try:
+            if self._need_rebuild:
+                self._rebuild()
+            messages = self._consume()
+            if self._need_rebuild:  # a rebalance callback aborted the transaction
+                return
+            for message in messages:
+                self._on_message(message)
+            self._end_quiet_partitions()
+            self._step()
+            self._end_drained_calls()
+            self._release_holds()
+            due = self.clock() - self._last_checkpoint >= self.cfg.transaction_interval_ms / 1000
+            if due and (self.out.produced or self.positions != self._committed_positions):
+                self.checkpoint()
+        except TransactionAborted as exc:
+            log.warning("transaction aborted (%s): rebuilding from the last checkpoint", exc)
+            self._need_rebuild = True
+        except FatalProducerError as exc:
+            self._replace_producer(exc)
 
-    def _consume(self) -> list[Message]:
+    def _consume(self) -> list[Any]:
         """What is fetched already, without waiting; else wait up to the poll timeout for the
         first record and take what came with it (``consume(n, t)`` would wait out ``t``)."""
         messages = self.consumer.consume(_CONSUME_BATCH, 0)
@@ -242,513 +257,561 @@ class Worker:
         return first + self.consumer.consume(_CONSUME_BATCH - 1, 0) if first else first
 
     def _drain(self) -> None:
-        """Shutdown, after the step in flight: stop fetching and checkpoint. Audio still
+        """Shutdown, after the step in flight: checkpoint what is consistent. Audio still
         buffered is not stepped: the next owner replays it, so leaving is quick."""
-        self._pause(set(self.parts))
-        self.checkpoint()
+        if self._need_rebuild:
+            return  # the last transaction aborted: nothing since the last checkpoint is valid
+        try:
+            self.checkpoint()
+        except TransactionAborted:
+            self._need_rebuild = True
+        except FatalProducerError as exc:
+            log.warning("could not checkpoint at shutdown: %s", exc)
+            self._need_rebuild = True
 
-    def _on_consume_error(self, error: KafkaError) -> None:
+    def _replace_producer(self, exc: FatalProducerError) -> None:
+        if self._restarts >= self.cfg.max_producer_restarts:
+            raise FatalWorkerError(
+                f"{exc}; the producer was replaced {self._restarts} times without a "
+                "successful commit since: giving up"
+            ) from exc
+        self._restarts += 1
+        log.warning("%s: replacing the producer and rebuilding", exc)
+        self.out.restart()
+        self._need_rebuild = True
+
+    # -- one record --------------------------------------------------------------------------
+
+    def _on_message(self, message: Any) -> None:
+        error = message.error()
+        if error is not None:
+            self._on_consume_error(message, error)
+            return
+        partition, offset = message.partition(), message.offset()
+        part = self.parts.get(partition)
+        if part is None:
+            return  # revoked while this batch was in flight
+        hold = self.holds.get(partition)
+        if hold is not None:
+            return  # fetched before the partition was held at an earlier record
+        expected = self.resync.get(partition)
+        if expected is not None:
+            if offset != expected:
+                return  # fetched before the hold: the record it was held at comes again
+            del self.resync[partition]
+        try:
+            self._handle(part, message)
+        except (TransactionAborted, FatalWorkerError):
+            raise
+        except Exception as exc:
+            log.exception("record %d@%d could not be handled", partition, offset)
+            if offset >= part.replay_end:
+                self._dead_letter(message, "internal_error", f"{type(exc).__name__}: {exc}")
+            self._advance(partition, offset)
+
+    def _on_consume_error(self, message: Any, error: KafkaError) -> None:
         if error.code() == KafkaError._PARTITION_EOF:
+            part = self.parts.get(message.partition())
+            if part is not None and message.partition() not in self.holds:
+                self._caught_up(part)
             return
         if error.fatal():
             raise FatalWorkerError(f"consumer: {error}")
         log.warning("consumer error: %s", error)
 
-    # -- one record --------------------------------------------------------------------------
-
-    def _handle(self, message: Message) -> bool:
-        """Admit one input record. False: the partition is blocked (seeked back to it)."""
-        partition, offset = message.partition(), message.offset()
-        part = self.parts.get(partition)
-        if part is None:  # revoked while this batch was in flight
-            return False
-        replaying = offset < part.replay_end
-        if not replaying:
+    def _handle(self, part: PartitionStreams, message: Any) -> None:
+        """Handle one input record (see the module docstring for the rules)."""
+        partition, offset = part.partition, message.offset()
+        part.caught_up_since = None
+        if part.resumed_ends:
+            self._end_resumed(part, offset)
+        if offset < part.replay_end:
+            self._replay(part, message)
+            return
+        if offset >= self.counted_until.get(partition, -1):
             self.metrics.on_record(partition)
-        key = message.key()
-        value = message.value()
-        stream_id = key.decode("utf-8", errors="replace") if key else None
-
-        def reject(reason: str, text: str) -> bool:
-            if not replaying:
-                self._dead_letter(message, reason, text, stream_id)
+            self.counted_until[partition] = offset + 1
+        timestamp = _timestamp_ms(message)
+        part.partition_time_ms = max(part.partition_time_ms, timestamp)
+        self._end_idle_calls(part, offset)
+        verdict = inspect(message.key(), message.value(), self.chunks, self.limits)
+        if isinstance(verdict, Rejected):
+            self._reject(message, verdict)
+            return
+        chunk = verdict
+        stream = part.live.get(chunk.stream_id)
+        placed = place(chunk, stream, self.limits)
+        if isinstance(placed, Rejected):
+            self._reject(message, placed)
+            return
+        if placed.placement is Placement.REPEAT:
+            self.metrics.on_duplicate()
             self._advance(partition, offset)
-            return True
-
-        if replaying and (
-            stream_id not in part.streams or offset < part.streams[stream_id].first_offset
-        ):
-            self._advance(partition, offset)
-            return True  # handled before the checkpoint this replay starts from
-        if replaying:
-            self.metrics.on_replayed()
-        if not key:
-            return reject("missing_key", "record has no key; the key must be the stream id")
-        try:
-            chunk = self.chunks.decode(value)
-        except CodecError as exc:
-            return reject(exc.reason, exc.message)
-        if chunk.stream_id != stream_id:
-            return reject("key_mismatch", f"key {stream_id!r} != stream_id {chunk.stream_id!r}")
-        if len(chunk.stream_id) > self.cfg.max_stream_id_length:
-            return reject(
-                "stream_id_too_long", f"stream id longer than {self.cfg.max_stream_id_length}"
-            )
-        if len(chunk.payload) > self.cfg.max_payload_bytes:
-            return reject(
-                "payload_too_large",
-                f"payload of {len(chunk.payload)} bytes exceeds {self.cfg.max_payload_bytes}",
-            )
-        try:
-            check_format(chunk.encoding, chunk.sample_rate_hz, chunk.channels)
-        except AudioFormatError as exc:
-            return reject(exc.reason, exc.message)
-        seconds = (
-            len(chunk.payload)
-            / max(1, chunk.channels * _bytes_per_sample(chunk))
-            / chunk.sample_rate_hz
-        )
-        if seconds > self.cfg.max_chunk_sec:
-            return reject(
-                "chunk_too_long", f"chunk of {seconds:.1f} s exceeds {self.cfg.max_chunk_sec} s"
-            )
-
-        stream = part.streams.get(stream_id)
+            return
         if stream is None:
-            ended_as = self.ended.reason(stream_id)
-            if ended_as is not None:
-                return reject(ended_as, f"stream {stream_id!r} is over ({ended_as})")
-            if stream_id in self.by_id:
-                return reject(
-                    "stream_on_other_partition", "the same stream id arrived on two partitions"
-                )
-            if chunk.sequence != 0:
-                return reject(
-                    "missing_stream_start",
-                    f"first chunk seen of {stream_id!r} has sequence {chunk.sequence}, not 0",
-                )
-            if len(self.by_id) >= self.cfg.max_streams:
-                self._block_for_admission(partition, offset)
-                return False
-            stream = self._open(part, stream_id, offset, chunk.capture_time_ms)
-        verdict = stream.order(chunk.sequence)
-        if verdict is Order.DUPLICATE:
-            if not replaying:
-                self.metrics.on_duplicate()
-            self._advance(partition, offset)
-            return True
-        if verdict is Order.GAP:
-            missing = chunk.sequence - stream.next_sequence
-            if not replaying:
-                self.metrics.on_gap(self.cfg.gap_policy)
+            if len(self.by_key) >= self.cfg.max_streams and not self._must_overcommit(partition):
+                self._hold(partition, offset, None)
+                return
+            stream = self._open(part, chunk, offset)
+        elif self.engine.buffered_sec(stream.engine_key) > self.cfg.max_stream_buffered_sec:
+            self._hold(partition, offset, stream.engine_key)  # the call is far ahead: wait
+            return
+        if placed.placement is Placement.GAP:
+            self.metrics.on_gap(self.cfg.gap_policy)
             if self.cfg.gap_policy is GapPolicy.DEAD_LETTER:
-                return reject(
-                    "sequence_gap",
-                    f"expected sequence {stream.next_sequence}, got {chunk.sequence}",
-                )
-            if self.cfg.gap_policy is GapPolicy.END_STREAM:
-                self._dead_letter_if_live(
+                self._reject(
                     message,
-                    replaying,
-                    "sequence_gap",
-                    f"{missing} chunks missing: stream ended",
-                    stream_id,
+                    Rejected(
+                        "sequence_gap",
+                        f"expected sequence {stream.next_sequence}, got {chunk.sequence}",
+                    ),
                 )
-                self._end(stream)
+                return
+            if self.cfg.gap_policy is GapPolicy.END_STREAM:
+                self._dead_letter(
+                    message, "sequence_gap", f"{placed.missing} chunks missing: call ended"
+                )
+                self._end(part, stream, end_at=offset)
                 self._advance(partition, offset)
-                return True
-            self._push(
-                stream,
-                np.zeros(
-                    int(missing * stream.last_chunk_samples * _SAMPLE_RATE / chunk.sample_rate_hz),
-                    dtype=np.float32,
-                ),
-                chunk.sequence - 1,
-            )
-        try:
-            if stream.decoder is None:
-                stream.decoder = AudioDecoder(chunk.encoding, chunk.sample_rate_hz, chunk.channels)
-            samples = stream.decoder.decode(
-                chunk.payload,
-                encoding=chunk.encoding,
-                sample_rate=chunk.sample_rate_hz,
-                channels=chunk.channels,
-            )
-        except AudioFormatError as exc:
-            return reject(exc.reason, exc.message)
+                return
+        self._take(part, stream, chunk, placed.missing, placed.digest, timestamp, False)
+        self._advance(partition, offset)
+        if chunk.end_of_stream:
+            self._end(part, stream, end_at=offset + 1)
+        elif stream.seconds_in >= self.cfg.max_stream_sec:
+            log.info("call %s reached max_stream_sec: ending it", stream.stream_id)
+            self._end(part, stream, end_at=offset + 1)
+
+    def _take(
+        self,
+        part: PartitionStreams,
+        stream: OpenStream,
+        chunk: AudioChunk,
+        missing: int,
+        digest: bytes,
+        timestamp_ms: int,
+        replaying: bool,
+    ) -> None:
+        """Decode a placed chunk and hand it (after any silence for a gap) to the engine."""
+        if stream.decoder is None:
+            stream.decoder = AudioDecoder(chunk.encoding, chunk.sample_rate_hz, chunk.channels)
+        samples = stream.decoder.decode(chunk.payload)
+        if missing:
+            silence = missing * stream.last_chunk_samples * TARGET_SAMPLE_RATE
+            self._push(part, stream, np.zeros(silence // chunk.sample_rate_hz, np.float32), -1)
+        seconds = chunk_seconds(chunk)
         stream.next_sequence = chunk.sequence + 1
-        stream.last_chunk_samples = len(chunk.payload) // max(
-            1, chunk.channels * _bytes_per_sample(chunk)
-        )
-        stream.last_seen = self.clock()
+        stream.last_chunk_samples = round(seconds * chunk.sample_rate_hz)
+        stream.last_time_ms = timestamp_ms
         stream.seconds_in += seconds
-        if not replaying:
-            self.metrics.on_audio(seconds)
+        stream.remember(chunk.sequence, digest, self.cfg.duplicate_window)
         if chunk.sequence == 0:
             stream.capture_start_ms = chunk.capture_time_ms
-        self._advance(partition, offset)
-        error = self._push(stream, samples, chunk.sequence)
-        if error is not None:
-            return reject(error.reason, error.message)
+        if not replaying:
+            self.metrics.on_audio(seconds)
+        self._push(part, stream, samples, chunk.sequence)
+
+    def _replay(self, part: PartitionStreams, message: Any) -> None:
+        """A record below the committed offset: re-feed it to the open call it belongs to,
+        silently; every other one was handled before."""
+        offset = message.offset()
+        key = message.key()
+        stream = part.live.get(key.decode("utf-8", errors="replace")) if key else None
+        if stream is None or offset < stream.first_offset:
+            return
+        if self.engine.buffered_sec(stream.engine_key) > self.cfg.max_stream_buffered_sec:
+            self._hold(part.partition, offset, stream.engine_key)  # replay at engine speed
+            return
+        self.metrics.on_replayed()
+        chunk = inspect(key, message.value(), self.chunks, self.limits)
+        if isinstance(chunk, Rejected):
+            return
+        placed = place(chunk, stream, self.limits)
+        if isinstance(placed, Rejected) or placed.placement is Placement.REPEAT:
+            return
+        if placed.placement is Placement.GAP and self.cfg.gap_policy is not GapPolicy.FILL_SILENCE:
+            if self.cfg.gap_policy is GapPolicy.END_STREAM:
+                self._end(part, stream, end_at=offset)
+            return
+        self._take(part, stream, chunk, placed.missing, placed.digest, _timestamp_ms(message), True)
         if chunk.end_of_stream or stream.seconds_in >= self.cfg.max_stream_sec:
-            self._end(stream)
-        return True
+            self._end(part, stream, end_at=offset + 1)
 
     def _advance(self, partition: int, offset: int) -> None:
-        """The record at ``offset`` is handled. Replayed records lie below the committed
-        offset, which must never move back."""
+        """The record at ``offset`` is handled; the position never moves back."""
         if offset + 1 > self.positions.get(partition, -1):
             self.positions[partition] = offset + 1
 
-    def _push(self, stream: OpenStream, samples: np.ndarray, sequence: int) -> StreamError | None:
-        """Hand audio to the engine; a stream whose audio the engine refuses has failed."""
+    def _push(
+        self, part: PartitionStreams, stream: OpenStream, samples: np.ndarray, seq: int
+    ) -> None:
+        if not len(samples):
+            return
         try:
-            self.engine.push_audio(stream.stream_id, samples, sequence)
+            self.engine.push_audio(stream.engine_key, samples, seq)
         except StreamError as exc:
             self._fail(stream, exc)
-            return exc
-        return None
 
-    def _open(
-        self, part: PartitionStreams, stream_id: str, offset: int, capture_ms: int
-    ) -> OpenStream:
-        stream = OpenStream(
-            stream_id,
-            part.partition,
-            first_offset=offset,
-            capture_start_ms=capture_ms,
-            last_seen=self.clock(),
-        )
-        part.streams[stream_id] = stream
-        self.by_id[stream_id] = stream
-        self.engine.add_stream(stream_id)
-        self.metrics.on_streams(len(self.by_id))
+    def _open(self, part: PartitionStreams, chunk: AudioChunk, offset: int) -> OpenStream:
+        stream = OpenStream(chunk.stream_id, part.partition, first_offset=offset)
+        part.live[chunk.stream_id] = stream
+        self.by_key[stream.engine_key] = stream
+        self.engine.add_stream(stream.engine_key)
+        self.metrics.on_streams(len(self.by_key))
         return stream
 
-    def _end(self, stream: OpenStream) -> None:
+    def _end(self, part: PartitionStreams, stream: OpenStream, end_at: int) -> None:
+        """The call takes no more records from ``end_at`` on; it finishes in the engine."""
+        if part.live.get(stream.stream_id) is stream:
+            del part.live[stream.stream_id]
+        part.finishing[stream.engine_key] = stream
+        stream.end_at = end_at
+        stream.dirty = True
         if stream.decoder is not None:
-            tail = stream.decoder.flush()
-            if len(tail):
-                self._push(stream, tail, stream.next_sequence - 1)
-        if self.engine.has_stream(stream.stream_id):
-            stream.ending = True
-            self.engine.end_stream(stream.stream_id)
+            self._push(part, stream, stream.decoder.flush(), stream.next_sequence - 1)
 
-    def _end_idle_streams(self) -> None:
+    def _end_drained_calls(self) -> None:
+        """Tell the engine a finishing call has ended once none of its full chunks waits: a
+        call then finishes the same way however its records were batched."""
+        ready = set(self.engine.ready_streams())
+        for part in self.parts.values():
+            for key, stream in part.finishing.items():
+                if not stream.end_pushed and key not in ready and self.engine.has_stream(key):
+                    self.engine.end_stream(key)
+                    stream.end_pushed = True
+
+    def _end_idle_calls(self, part: PartitionStreams, offset: int) -> None:
+        """Event time: end calls whose last record is ``idle_timeout_sec`` older than the
+        partition's newest, checked each time the partition clock enters a new second."""
+        second = part.partition_time_ms // 1000
+        if second <= part.idle_checked_sec:
+            return
+        part.idle_checked_sec = second
+        idle_ms = self.cfg.idle_timeout_sec * 1000
+        for stream in list(part.live.values()):
+            if part.partition_time_ms - stream.last_time_ms > idle_ms:
+                log.info("call %s idle on event time: ending it", stream.stream_id)
+                self._end(part, stream, end_at=offset)
+
+    def _end_resumed(self, part: PartitionStreams, offset: int | None) -> None:
+        """End rebuilt calls that had ended before ``offset`` (None: every one; the
+        partition has been read to its end)."""
+        for stream in list(part.live.values()):
+            end_at = stream.resume_end_at
+            if end_at != NO_END and (offset is None or end_at <= offset):
+                stream.resume_end_at = NO_END
+                part.resumed_ends -= 1
+                self._end(part, stream, end_at)
+
+    def _caught_up(self, part: PartitionStreams) -> None:
+        """The consumer has read the partition to its end (every replayed record, too)."""
+        if part.caught_up_since is None:
+            part.caught_up_since = self.clock()
+        if part.resumed_ends:
+            self._end_resumed(part, None)
+
+    def _end_quiet_partitions(self) -> None:
+        """A partition with no record at all for ``idle_timeout_sec`` ends its calls: no
+        record will ever move its event-time clock (the decision commits with its effects)."""
         now = self.clock()
-        for stream in list(self.by_id.values()):
-            if not stream.ending and now - stream.last_seen > self.cfg.idle_timeout_sec:
-                log.info(
-                    "stream %s idle for %.0f s: ending it", stream.stream_id, now - stream.last_seen
-                )
-                self._end(stream)
+        for p, part in self.parts.items():
+            since = part.caught_up_since
+            if since is None or p in self.holds or now - since < self.cfg.idle_timeout_sec:
+                continue
+            for stream in list(part.live.values()):
+                log.info("call %s: partition %d quiet, ending the call", stream.stream_id, p)
+                self._end(part, stream, end_at=self.positions.get(p, 0))
 
     def _fail(self, stream: OpenStream, error: StreamError) -> None:
-        log.warning("stream %s failed: %s (%s)", stream.stream_id, error.message, error.reason)
-        self.engine.drop_stream(stream.stream_id)
-        self._forget(stream, reason="stream_failed")
+        log.warning("call %s failed: %s (%s)", stream.stream_id, error.message, error.reason)
+        self.engine.drop_stream(stream.engine_key)
+        source = Source(self.cfg.input_topic, stream.partition, stream.first_offset, None, None)
+        self._produce_dead_letter(source, "stream_failed", f"{error.reason}: {error.message}")
+        self._forget(stream)
 
-    def _forget(self, stream: OpenStream, reason: str = "stream_ended") -> None:
-        """The stream is over (ended or failed): tombstone its progress, remember why."""
+    def _forget(self, stream: OpenStream) -> None:
+        """The call is over (finished or failed): tombstone its progress."""
         part = self.parts.get(stream.partition)
         if part is not None:
-            part.streams.pop(stream.stream_id, None)
-            if stream.stream_id in part.recovering:
-                self._recovered(stream)
-        self.by_id.pop(stream.stream_id, None)
-        self.ended.add(stream.stream_id, reason)
-        self._produce_progress(stream, closed=True)
-        self.metrics.on_streams(len(self.by_id))
-        self._resume_admission()
+            if part.live.get(stream.stream_id) is stream:
+                del part.live[stream.stream_id]
+            part.finishing.pop(stream.engine_key, None)
+            if stream.replay is not None:
+                stream.replay = None
+                self._recovered(part)
+        self.by_key.pop(stream.engine_key, None)
+        self.out.produce(
+            self.cfg.progress_topic,
+            progress_key(self.cfg.input_topic, stream.partition, stream.stream_id),
+            None,
+        )
+        self.metrics.on_streams(len(self.by_key))
 
     # -- outputs -----------------------------------------------------------------------------
 
-    def _emit(self, updates: list[StreamUpdate]) -> None:
+    def _step(self) -> None:
+        if not self.engine.ready_streams():
+            return
+        result = self.engine.step()
         timing = getattr(self.engine, "last_timing", None)
-        audio = sum(u.audio_sec for u in updates)
         if timing is not None:
+            audio = sum(u.audio_sec for u in result)
             self.metrics.on_step(
                 timing.streams, timing.instances, timing.diarizer, timing.asr, timing.total, audio
             )
-        for update in updates:
-            stream = self.by_id.get(update.stream_id)
-            if stream is None:
-                continue
-            if update.error is not None:
-                self._fail(stream, update.error)
-                continue
-            for segment, span in update.segments:
-                stream.segments = max(stream.segments, segment.segment_index + 1)
-                kind = EventKind.FINAL if segment.final else EventKind.PARTIAL
-                start_ms = stream.capture_start_ms + round(segment.start_s * 1000)
-                end_ms = stream.capture_start_ms + round(segment.end_s * 1000)
-                self._produce_event(
-                    stream,
-                    TranscriptEvent(
-                        event_id=make_event_id(
-                            stream.stream_id, segment.segment_index, segment.revision
-                        ),
-                        stream_id=stream.stream_id,
-                        kind=kind,
-                        segment_index=segment.segment_index,
-                        revision=segment.revision,
-                        speaker=segment.speaker,
-                        start_s=segment.start_s,
-                        end_s=segment.end_s,
-                        start_time_ms=start_ms,
-                        end_time_ms=end_ms,
-                        text=segment.text,
-                        words=tuple(Word(w.text, w.start_s, w.end_s) for w in segment.words),
-                        first_sequence=span.first,
-                        last_sequence=span.last,
-                        diarizer_model=self.models.diarizer,
-                        asr_model=self.models.asr,
-                    ),
-                    latency_from_ms=end_ms,
-                )
-            if update.ended:
-                duration = stream.seconds_in
-                self._produce_event(
-                    stream,
-                    TranscriptEvent(
-                        event_id=make_event_id(stream.stream_id, stream.segments, 0),
-                        stream_id=stream.stream_id,
-                        kind=EventKind.STREAM_END,
-                        segment_index=stream.segments,
-                        revision=0,
-                        speaker=None,
-                        start_s=0.0,
-                        end_s=duration,
-                        start_time_ms=stream.capture_start_ms,
-                        end_time_ms=stream.capture_start_ms + round(duration * 1000),
-                        text="",
-                        words=(),
-                        first_sequence=0,
-                        last_sequence=max(0, stream.next_sequence - 1),
-                        diarizer_model=self.models.diarizer,
-                        asr_model=self.models.asr,
-                    ),
-                    latency_from_ms=None,
-                )
-                self._forget(stream)
-            elif update.segments:
-                stream.dirty = True
+        if self.device_memory is not None:
+            self.metrics.on_gpu_memory(self.device_memory())
+        for update in result:
+            stream = self.by_key.get(update.stream_id)
+            if stream is not None:
+                self._apply(stream, update)
 
-    def _produce_event(
+    def _apply(self, stream: OpenStream, update: StreamUpdate) -> None:
+        if update.error is not None:
+            self._fail(stream, update.error)
+            return
+        for segment, span in update.segments:
+            stream.segments = max(stream.segments, segment.segment_index + 1)
+            event = segment_event(stream, segment, span, self.models)
+            self._emit(stream, event, latency_from_ms=event.end_time_ms)
+        if update.ended:
+            self._emit(stream, end_event(stream, self.models), latency_from_ms=None)
+            self._forget(stream)
+        elif update.segments:
+            stream.dirty = True
+
+    def _emit(
         self, stream: OpenStream, event: TranscriptEvent, latency_from_ms: int | None
     ) -> None:
-        if stream.suppress > 0:  # committed before the replay started
-            stream.suppress -= 1
-            if stream.suppress == 0:
-                self._recovered(stream)
+        """Produce an event, unless a replay is re-making one committed before."""
+        replay = stream.replay
+        if replay is not None:
+            replay.made += 1
+            if replay.made < replay.events:
+                return
+            if event.event_id != replay.last_event_id and replay.last_event_id is not None:
+                log.error(
+                    "call %s: the replay re-made %s as event %d, but %s was committed: output "
+                    "is not a function of the input (events after it may repeat)",
+                    stream.stream_id,
+                    event.event_id,
+                    replay.made,
+                    replay.last_event_id,
+                )
+                self.metrics.on_replay_mismatch()
+            stream.replay = None
+            part = self.parts.get(stream.partition)
+            if part is not None:
+                self._recovered(part)
             return
         stream.events_emitted += 1
+        stream.last_event_id = event.event_id
         stream.dirty = True
-        self._produce(self.cfg.output_topic, event.stream_id.encode(), self.events.encode(event))
+        self.out.produce(self.cfg.output_topic, event.stream_id.encode(), self.events.encode(event))
         latency = None if latency_from_ms is None else (self.wall_ms() - latency_from_ms) / 1000
         self.metrics.on_event(str(event.kind), latency)
 
-    def _recovered(self, stream: OpenStream) -> None:
-        """The stream has re-made every event it had committed: it is where its old owner was."""
-        part = self.parts.get(stream.partition)
-        if part is None or stream.stream_id not in part.recovering:
-            return
-        part.recovering.discard(stream.stream_id)
-        if not part.recovering:
+    def _recovered(self, part: PartitionStreams) -> None:
+        """One call has re-made every event it had committed."""
+        part.recovering -= 1
+        if part.recovering == 0:
             elapsed = self.clock() - part.recovery_started
             self.metrics.on_recovery(elapsed)
-            log.info("partition %d: open streams rebuilt in %.1f s", part.partition, elapsed)
+            log.info("partition %d: open calls rebuilt in %.1f s", part.partition, elapsed)
 
-    def _dead_letter(self, message: Message, reason: str, text: str, stream_id: str | None) -> None:
+    def _reject(self, message: Any, rejected: Rejected) -> None:
+        self._dead_letter(message, rejected.reason, rejected.message)
+        self._advance(message.partition(), message.offset())
+
+    def _dead_letter(self, message: Any, reason: str, text: str) -> None:
+        source = Source(
+            message.topic(), message.partition(), message.offset(), message.key(), message.value()
+        )
         log.info(
             "dead letter %s[%d]@%d: %s: %s",
-            message.topic(),
-            message.partition(),
-            message.offset(),
+            source.topic,
+            source.partition,
+            source.offset,
             reason,
             text,
         )
-        record = DeadLetter(
-            reason=reason,
-            message=text,
-            source_topic=message.topic(),
-            source_partition=message.partition(),
-            source_offset=message.offset(),
-            failed_time_ms=self.wall_ms(),
-            stream_id=stream_id,
-            original_key=message.key(),
-            original_value=message.value(),
-            worker_id=self.instance,
+        self._produce_dead_letter(source, reason, text)
+
+    def _produce_dead_letter(self, source: Source, reason: str, text: str) -> None:
+        record = dead_letter(
+            source,
+            reason,
+            text,
+            self.instance,
+            self.wall_ms(),
+            self.cfg.max_dead_letter_original_bytes,
         )
-        self._produce(self.cfg.dead_letter_topic, message.key(), self.dead.encode(record))
+        self.out.produce(self.cfg.dead_letter_topic, record.original_key, self.dead.encode(record))
         self.metrics.on_dead_letter(reason)
-
-    def _dead_letter_if_live(
-        self, message: Message, replaying: bool, reason: str, text: str, stream_id: str | None
-    ) -> None:
-        if not replaying:
-            self._dead_letter(message, reason, text, stream_id)
-
-    def _produce_progress(self, stream: OpenStream, closed: bool = False) -> None:
-        key = f"{self.cfg.input_topic}/{stream.partition}/{stream.stream_id}".encode()
-        value = (
-            None
-            if closed
-            else self.progress.encode(
-                StreamProgress(
-                    stream_id=stream.stream_id,
-                    input_topic=self.cfg.input_topic,
-                    partition=stream.partition,
-                    first_offset=stream.first_offset,
-                    events_emitted=stream.events_emitted,
-                    segments=stream.segments,
-                )
-            )
-        )
-        self._produce(self.cfg.progress_topic, key, value)
-        stream.dirty = False
-
-    def _produce(self, topic: str, key: bytes | None, value: bytes | None) -> None:
-        while True:
-            try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
-                self._produced += 1
-                return
-            except BufferError:
-                self.producer.poll(0.05)  # local queue full: let deliveries drain
-
-    def _on_delivery(self, err: KafkaError | None, message: Message) -> None:
-        if err is not None:
-            self._delivery_errors.append(f"{message.topic()}: {err}")
 
     # -- checkpoint --------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Outputs, progress and offsets, together (see the module docstring)."""
-        for part in self.parts.values():
-            for stream in part.streams.values():
-                if stream.dirty and stream.suppress == 0:
+        """Progress, partition markers and offsets, together (see the module docstring)."""
+        for p, part in self.parts.items():
+            for stream in part.streams():
+                if stream.dirty and stream.replay is None:
                     self._produce_progress(stream)
+            if p in self.positions:
+                marker = PartitionCheckpoint(
+                    input_topic=self.cfg.input_topic,
+                    partition=p,
+                    next_offset=self.positions[p],
+                    partition_time_ms=part.partition_time_ms,
+                    worker_id=self.instance,
+                )
+                self.out.produce(
+                    self.cfg.progress_topic,
+                    progress_key(self.cfg.input_topic, p),
+                    self.markers.encode(marker),
+                )
         offsets = [
             TopicPartition(self.cfg.input_topic, p, off)
             for p, off in self.positions.items()
             if p in self.parts
         ]
-        try:
-            if self.eos:
-                if offsets:
-                    self.producer.send_offsets_to_transaction(
-                        offsets, self.consumer.consumer_group_metadata(), 30
-                    )
-                self.producer.commit_transaction(30)
-                self.producer.begin_transaction()
-            else:
-                remaining = self.producer.flush(30)
-                if remaining or self._delivery_errors:
-                    raise KafkaException(
-                        KafkaError(
-                            KafkaError._MSG_TIMED_OUT,
-                            f"{remaining} undelivered; {self._delivery_errors[:3]}",
-                        )
-                    )
-                if offsets:
-                    self.consumer.commit(offsets=offsets, asynchronous=False)
-        except KafkaException as exc:
-            error = exc.args[0]
-            self.metrics.on_transaction("abort")
-            if self.eos and error.txn_requires_abort():
-                log.warning(
-                    "checkpoint failed (%s): aborting and rebuilding from the last one", error
-                )
-                self.producer.abort_transaction(30)
-                self.producer.begin_transaction()
-                self._need_rebuild = True
-                return
-            raise FatalWorkerError(f"checkpoint failed: {error}") from exc
-        self._delivery_errors.clear()
-        self._produced = 0
+        self.out.commit(offsets, self.consumer)
+        self._restarts = 0
         self._committed_positions = dict(self.positions)
-        self.metrics.on_transaction("commit")
         self._last_checkpoint = self.clock()
+        self.metrics.on_positions(self.positions)
+
+    def _produce_progress(self, stream: OpenStream) -> None:
+        record = StreamProgress(
+            stream_id=stream.stream_id,
+            input_topic=self.cfg.input_topic,
+            partition=stream.partition,
+            first_offset=stream.first_offset,
+            events_emitted=stream.events_emitted,
+            segments=stream.segments,
+            last_event_id=stream.last_event_id,
+            end_at=stream.end_at,
+        )
+        self.out.produce(
+            self.cfg.progress_topic,
+            progress_key(self.cfg.input_topic, stream.partition, stream.stream_id),
+            self.progress.encode(record),
+        )
+        stream.dirty = False
 
     # -- partitions ----------------------------------------------------------------------------
 
-    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_assign(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.metrics.on_rebalance("assigned")
+        self.health.assigned_or_idle = True  # the group is joined
         ids = [tp.partition for tp in partitions]
         log.info("assigned partitions %s", ids)
+        if not ids:
+            consumer.incremental_assign([])
+            return
         starts = self._prepare(ids)
         consumer.incremental_assign(
             [TopicPartition(self.cfg.input_topic, p, starts[p]) for p in ids]
         )
 
     def _prepare(self, partitions: list[int]) -> dict[int, int]:
-        """Register the open streams of ``partitions`` from the progress topic; start offsets."""
-        committed = {
-            tp.partition: tp.offset
-            for tp in self.consumer.committed(
-                [TopicPartition(self.cfg.input_topic, p) for p in partitions], timeout=30
-            )
-        }
-        progress = read_progress(self.cfg, set(partitions))
+        """Load the open calls of ``partitions`` from their last checkpoint; start offsets."""
+        snapshots = self.recovery.snapshot(self.consumer, partitions)
         starts: dict[int, int] = {}
         for p in partitions:
-            part = PartitionStreams(p)
-            done = committed.get(p, -1)
-            part.replay_end = done if done >= 0 else -1
+            snap = snapshots[p]
+            part = self._restore(snap)
             self.parts[p] = part
-            opened = progress.get(p, [])
-            for rec in opened:
-                stream = OpenStream(
-                    rec.stream_id,
-                    p,
-                    first_offset=rec.first_offset,
-                    events_emitted=rec.events_emitted,
-                    suppress=rec.events_emitted,
-                    segments=rec.segments,
-                    last_seen=self.clock(),
-                    dirty=False,
-                )
-                part.streams[rec.stream_id] = stream
-                self.by_id[rec.stream_id] = stream
-                self.engine.add_stream(rec.stream_id)
-                if rec.events_emitted:
-                    part.recovering.add(rec.stream_id)
-            part.recovery_started = self.clock()
-            firsts = [rec.first_offset for rec in opened]
-            if done >= 0:
-                starts[p] = min([done, *firsts])
-                self.positions[p] = done
-            else:
-                starts[p] = OFFSET_BEGINNING
-            if opened:
+            starts[p] = snap.replay_from if snap.committed >= 0 else OFFSET_BEGINNING
+            if snap.committed >= 0:
+                self.positions[p] = snap.committed
+            if snap.streams:
                 log.info(
                     "partition %d: rebuilding %d open streams from offset %d (committed %d)",
                     p,
-                    len(opened),
+                    len(snap.streams),
                     starts[p],
-                    done,
+                    snap.committed,
                 )
-        self.metrics.on_streams(len(self.by_id))
+        self.metrics.on_streams(len(self.by_key))
         return starts
 
-    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _restore(self, snap: PartitionSnapshot) -> PartitionStreams:
+        part = PartitionStreams(snap.partition)
+        part.replay_end = snap.committed
+        part.partition_time_ms = snap.partition_time_ms
+        part.idle_checked_sec = snap.partition_time_ms // 1000
+        part.recovery_started = self.clock()
+        for rec in list(snap.streams):
+            if rec.first_offset < snap.low_watermark:
+                log.error(
+                    "call %s starts at offset %d, before the oldest record kept (%d): it "
+                    "cannot be rebuilt and is ended",
+                    rec.stream_id,
+                    rec.first_offset,
+                    snap.low_watermark,
+                )
+                snap.streams.remove(rec)
+                source = Source(self.cfg.input_topic, snap.partition, rec.first_offset, None, None)
+                self._produce_dead_letter(
+                    source,
+                    "replay_unavailable",
+                    f"call {rec.stream_id!r} was open, but its records before offset "
+                    f"{snap.low_watermark} are past the input topic's retention: it is ended "
+                    f"after {rec.events_emitted} events",
+                )
+                self.out.produce(
+                    self.cfg.progress_topic,
+                    progress_key(self.cfg.input_topic, snap.partition, rec.stream_id),
+                    None,
+                )
+                continue
+            stream = OpenStream(
+                rec.stream_id,
+                snap.partition,
+                first_offset=rec.first_offset,
+                events_emitted=rec.events_emitted,
+                last_event_id=rec.last_event_id,
+                segments=rec.segments,
+                end_at=rec.end_at,
+                dirty=False,
+            )
+            if rec.events_emitted:
+                stream.replay = Replay(rec.events_emitted, rec.last_event_id)
+                part.recovering += 1
+            if rec.end_at != NO_END:  # it re-takes its records up to ``end_at``, then ends
+                stream.end_at = NO_END
+                stream.resume_end_at = rec.end_at
+                part.resumed_ends += 1
+            part.live[rec.stream_id] = stream
+            self.by_key[stream.engine_key] = stream
+            self.engine.add_stream(stream.engine_key)
+        return part
+
+    def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.metrics.on_rebalance("revoked")
         ids = {tp.partition for tp in partitions}
         log.info("revoked partitions %s: checkpointing and handing over", sorted(ids))
         if not self._need_rebuild:
-            self.checkpoint()
+            try:
+                self.checkpoint()
+            except TransactionAborted as exc:
+                log.warning("checkpoint before handing over failed (%s)", exc)
+                self._need_rebuild = True
+            except FatalProducerError as exc:
+                self._replace_producer(exc)
         self._release(ids)
         consumer.incremental_unassign(partitions)
 
-    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.metrics.on_rebalance("lost")
         ids = {tp.partition for tp in partitions}
         log.warning("lost partitions %s: dropping them without committing", sorted(ids))
         if self.eos:
-            self.producer.abort_transaction(30)
-            self.producer.begin_transaction()
-            self.metrics.on_transaction("abort")
+            try:
+                self.out.abort()
+            except FatalProducerError as exc:
+                self._replace_producer(exc)
             self._need_rebuild = True  # the aborted outputs of the other partitions, too
         self._release(ids)
         consumer.incremental_unassign(partitions)
@@ -757,17 +820,20 @@ class Worker:
         for p in partitions:
             part = self.parts.pop(p, None)
             self.positions.pop(p, None)
-            self.paused.discard(p)
-            self.admission_blocked.discard(p)
+            self._committed_positions.pop(p, None)
+            self.resync.pop(p, None)
+            if self.holds.pop(p, None) is not None:
+                self.consumer.resume([TopicPartition(self.cfg.input_topic, p)])
             if part is None:
                 continue
-            for stream in part.streams.values():
-                self.engine.drop_stream(stream.stream_id)
-                self.by_id.pop(stream.stream_id, None)
-        self.metrics.on_streams(len(self.by_id))
+            for stream in part.streams():
+                self.engine.drop_stream(stream.engine_key)
+                self.by_key.pop(stream.engine_key, None)
+        self.metrics.on_paused(len(self.holds))
+        self.metrics.on_streams(len(self.by_key))
 
-    def _rebuild_all(self) -> None:
-        """Forget every owned stream and replay all owned partitions from the last checkpoint."""
+    def _rebuild(self) -> None:
+        """Forget every owned call and replay all owned partitions from the last checkpoint."""
         self._need_rebuild = False
         owned = sorted(self.parts)
         self._release(set(owned))
@@ -778,112 +844,59 @@ class Worker:
             self.consumer.seek(TopicPartition(self.cfg.input_topic, p, starts[p]))
         log.info("rebuilt partitions %s from the last checkpoint", owned)
 
-    # -- backpressure ---------------------------------------------------------------------------
+    # -- holds: a full worker, a call far ahead ---------------------------------------------------
 
-    def _block_for_admission(self, partition: int, offset: int) -> None:
-        log.info(
-            "stream limit %d reached: pausing partition %d at offset %d",
-            self.cfg.max_streams,
-            partition,
-            offset,
-        )
-        self.consumer.seek(TopicPartition(self.cfg.input_topic, partition, offset))
-        self.admission_blocked.add(partition)
-        self._pause({partition})
-
-    def _resume_admission(self) -> None:
-        if self.admission_blocked and len(self.by_id) < self.cfg.max_streams:
-            blocked, self.admission_blocked = self.admission_blocked, set()
-            self._resume(blocked)
-
-    def _apply_backpressure(self) -> None:
-        buffered = sum(self.engine.buffered_sec(s) for s in self.by_id if self.engine.has_stream(s))
-        limit = self.cfg.max_worker_buffered_sec
-        if buffered > limit:
-            self._pause(set(self.parts) - self.paused)
-        elif buffered < limit / 2 and self.paused - self.admission_blocked:
-            self._resume(self.paused - self.admission_blocked)
-
-    def _pause(self, partitions: set[int]) -> None:
-        if partitions:
-            self.consumer.pause([TopicPartition(self.cfg.input_topic, p) for p in partitions])
-            self.paused |= partitions
-            self.metrics.on_paused(len(self.paused))
-
-    def _resume(self, partitions: set[int]) -> None:
-        partitions &= set(self.parts)
-        if partitions:
-            self.consumer.resume([TopicPartition(self.cfg.input_topic, p) for p in partitions])
-            self.paused -= partitions
-            self.metrics.on_paused(len(self.paused))
-
-
-def _bytes_per_sample(chunk: AudioChunk) -> int:
-    return 2 if chunk.encoding == "PCM_S16LE" else 1
-
-
-def _watermarks(consumer: Consumer, tp: TopicPartition, attempts: int = 20) -> tuple[int, int]:
-    """Low and high offsets; a topic created a moment ago may not have a leader yet."""
-    for attempt in range(attempts):
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=30)
-        except KafkaException as exc:
-            if attempt == attempts - 1 or not exc.args[0].retriable():
-                raise
-            time.sleep(0.5)
-    raise AssertionError("unreachable")
-
-
-def read_progress(config: WorkerConfig, partitions: set[int]) -> dict[int, list[StreamProgress]]:
-    """Open streams of ``partitions`` from the (committed) progress topic."""
-    codec = RecordCodec(StreamProgress)
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.bootstrap_servers,
-            "group.id": f"{config.group_id}-progress-reader",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-            "enable.partition.eof": True,
-        }
-    )
-    try:
-        meta = consumer.list_topics(config.progress_topic, timeout=30).topics.get(
-            config.progress_topic
-        )
-        if meta is None or meta.error is not None:
-            raise FatalWorkerError(
-                f"progress topic {config.progress_topic!r} is missing: create it "
-                "(compacted) before starting workers"
+    def _hold(self, partition: int, offset: int, stream_key: str | None) -> None:
+        """Pause ``partition`` at the record ``offset`` (read again on release)."""
+        if stream_key is None:
+            log.info(
+                "stream limit %d reached: pausing partition %d at offset %d",
+                self.cfg.max_streams,
+                partition,
+                offset,
             )
-        tps = []
-        for pid in meta.partitions:
-            low, high = _watermarks(consumer, TopicPartition(config.progress_topic, pid))
-            if high > low:
-                tps.append(TopicPartition(config.progress_topic, pid, low))
-        latest: dict[bytes, bytes | None] = {}
-        if tps:
-            consumer.assign(tps)
-            remaining = {tp.partition for tp in tps}
-            while remaining:
-                msg = consumer.poll(5.0)
-                if msg is None:
-                    raise FatalWorkerError("timed out reading the progress topic")
-                if msg.error():
-                    if msg.error().code() == KafkaError._PARTITION_EOF:
-                        remaining.discard(msg.partition())
-                        continue
-                    raise FatalWorkerError(f"reading progress: {msg.error()}")
-                latest[msg.key()] = msg.value()
-    finally:
-        consumer.close()
-    prefix = f"{config.input_topic}/"
-    out: dict[int, list[StreamProgress]] = {}
-    for key, value in latest.items():
-        if value is None or not key.decode().startswith(prefix):
-            continue
-        rec = codec.decode(value)
-        if rec.partition in partitions:
-            out.setdefault(rec.partition, []).append(rec)
-    for recs in out.values():
-        recs.sort(key=lambda r: r.first_offset)
-    return out
+        tp = TopicPartition(self.cfg.input_topic, partition, offset)
+        self.consumer.pause([tp])
+        self.consumer.seek(tp)
+        self.holds[partition] = _Hold(offset, stream_key)
+        self.metrics.on_paused(len(self.holds))
+
+    def _release_holds(self) -> None:
+        released = []
+        for p, hold in self.holds.items():
+            if hold.stream_key is None:
+                free = len(self.by_key) < self.cfg.max_streams
+            else:
+                stream = self.by_key.get(hold.stream_key)
+                free = stream is None or (
+                    self.engine.buffered_sec(hold.stream_key)
+                    <= self.cfg.max_stream_buffered_sec / 2
+                )
+            if free:
+                released.append(p)
+        for p in released:
+            self.resync[p] = self.holds.pop(p).offset
+            self.consumer.resume([TopicPartition(self.cfg.input_topic, p)])
+        if released:
+            self.metrics.on_paused(len(self.holds))
+
+    def _must_overcommit(self, partition: int) -> bool:
+        """At the stream limit, a new call waits for a slot, unless nothing can free one:
+        every owned partition waits for a slot and no call has work in the engine."""
+        others = set(self.parts) - {partition}
+        stuck = all(p in self.holds and self.holds[p].stream_key is None for p in others)
+        finishing = any(part.finishing for part in self.parts.values())
+        if not stuck or finishing or self.engine.ready_streams():
+            return False
+        log.warning(
+            "stream limit %d reached and every partition waits for a slot: admitting a call "
+            "over the limit",
+            self.cfg.max_streams,
+        )
+        self.metrics.on_overcommit()
+        return True
+
+
+def _timestamp_ms(message: Any) -> int:
+    kind, value = message.timestamp()
+    return value if kind and value > 0 else 0

@@ -1,29 +1,34 @@
-"""Host-side facts of the streams a worker owns, and the order rules for their chunks.
+"""Host-side facts of the calls a worker owns, per partition.
 
 No tensors here: the engine holds the model state; this holds what Kafka needs (offsets,
-sequence numbers, events emitted, the replay window) and the per-stream audio decoder.
+sequence numbers, events emitted, the replay window, the event-time clock) and the per-call
+audio decoder. A call is identified within its partition by its stream id while it is live;
+once it has ended (and is only finishing in the engine) a new call may reuse the id, so the
+engine knows each call by ``engine_key``, which includes the offset where the call started.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from enum import StrEnum
 
 from worker.audio import AudioDecoder
 
+NO_END = -1
 
-class Order(StrEnum):
-    """Where a chunk stands against its stream's next expected sequence number."""
 
-    NEXT = "next"
-    DUPLICATE = "duplicate"
-    GAP = "gap"
+@dataclass
+class Replay:
+    """A call being rebuilt after a rebalance or an abort: what its old owner committed."""
+
+    events: int  # events committed before; the replay re-makes and swallows them
+    last_event_id: str | None  # the last of them: the replay is caught up once it re-makes it
+    made: int = 0  # events re-made so far
 
 
 @dataclass
 class OpenStream:
-    """One open stream of a partition this worker owns."""
+    """One call of a partition this worker owns."""
 
     stream_id: str
     partition: int
@@ -32,45 +37,50 @@ class OpenStream:
     next_sequence: int = 0
     capture_start_ms: int = 0
     events_emitted: int = 0  # events produced (committed or in the open transaction)
-    suppress: int = 0  # events still to swallow while a replay catches up
+    last_event_id: str | None = None
+    replay: Replay | None = None  # set while re-making committed events
     segments: int = 0  # segments opened, from the events seen
     last_chunk_samples: int = 0  # input samples per channel of the last chunk (gap filling)
     seconds_in: float = 0.0  # audio accepted, in seconds
-    last_seen: float = 0.0  # clock time of the last chunk
+    last_time_ms: int = 0  # timestamp of the call's last record (event-time idle end)
+    recent: OrderedDict[int, bytes] = field(default_factory=OrderedDict)  # sequence -> digest
+    speakers: dict[str, str] = field(default_factory=dict)  # diarizer slot -> label by appearance
+    end_at: int = NO_END  # the call ended before this offset and is finishing in the engine
+    end_pushed: bool = False  # end_stream was called on the engine
+    resume_end_at: int = NO_END  # rebuilt call that had ended before this offset: end it there
     dirty: bool = True  # progress needs writing in the next checkpoint
-    ending: bool = False  # end_stream was called; waiting for the engine's last update
 
-    def order(self, sequence: int) -> Order:
-        if sequence < self.next_sequence:
-            return Order.DUPLICATE
-        if sequence > self.next_sequence:
-            return Order.GAP
-        return Order.NEXT
+    @property
+    def engine_key(self) -> str:
+        return f"{self.partition}/{self.first_offset}/{self.stream_id}"
+
+    @property
+    def ending(self) -> bool:
+        return self.end_at != NO_END
+
+    def remember(self, sequence: int, digest: bytes, window: int) -> None:
+        """Keep the digest of an accepted chunk, to tell a repeat from a conflicting one."""
+        self.recent[sequence] = digest
+        while len(self.recent) > window:
+            self.recent.popitem(last=False)
 
 
 @dataclass
 class PartitionStreams:
-    """Open streams of one partition, and where the replay of them ends."""
+    """The calls of one partition, the replay window and the partition's event-time clock."""
 
     partition: int
-    streams: dict[str, OpenStream] = field(default_factory=dict)
-    replay_end: int = -1  # records below this offset were processed before: rebuild only
-    recovering: set[str] = field(default_factory=set)  # streams still swallowing old events
+    live: dict[str, OpenStream] = field(default_factory=dict)  # live calls by stream id
+    finishing: dict[str, OpenStream] = field(default_factory=dict)  # ended calls by engine key
+    replay_end: int = -1  # records below this offset were handled before: rebuild only
+    partition_time_ms: int = 0  # largest record timestamp read
+    idle_checked_sec: int = 0  # the partition-time second of the last idle check
+    resumed_ends: int = 0  # rebuilt calls still to end at their ``resume_end_at``
     recovery_started: float = 0.0
+    recovering: int = 0  # calls still re-making committed events
+    caught_up_since: float | None = None  # clock time the consumer reached the partition's end
+    counted_until: int = -1  # records below this were counted in the metrics already
 
-
-class EndedStreams:
-    """A bounded memory of streams that are over, and why, to reject chunks arriving after."""
-
-    def __init__(self, capacity: int) -> None:
-        self._ids: OrderedDict[str, str] = OrderedDict()
-        self._capacity = capacity
-
-    def add(self, stream_id: str, reason: str) -> None:
-        self._ids[stream_id] = reason
-        self._ids.move_to_end(stream_id)
-        while len(self._ids) > self._capacity:
-            self._ids.popitem(last=False)
-
-    def reason(self, stream_id: str) -> str | None:
-        return self._ids.get(stream_id)
+    def streams(self) -> list[OpenStream]:
+        """Every call the partition holds: live and finishing."""
+        return [*self.live.values(), *self.finishing.values()]
