@@ -80,7 +80,9 @@ class Checkpoint:
     def start(self) -> None:
         """Fence older producers with our transactional id and open the first transaction."""
         if self.eos:
-            self._retrying("init_transactions", lambda: self.producer.init_transactions(30))
+            self._retrying(
+                "init_transactions", lambda: self.producer.init_transactions(30), abortable=False
+            )
             self._begin()
 
     def restart(self) -> None:
@@ -157,7 +159,9 @@ class Checkpoint:
         self.metrics.on_transaction("abort")
         if not self.eos:
             return
-        self._retrying("abort_transaction", lambda: self.producer.abort_transaction(30))
+        self._retrying(
+            "abort_transaction", lambda: self.producer.abort_transaction(30), abortable=False
+        )
         self._begin()
 
     # -- error rules -------------------------------------------------------------------------
@@ -169,8 +173,10 @@ class Checkpoint:
             error = exc.args[0]
             raise FatalProducerError(f"begin_transaction: {error}") from exc
 
-    def _retrying(self, what: str, call: Callable[[], None]) -> None:
-        """``call`` until it succeeds; retriable errors are retried for ``retry_sec``."""
+    def _retrying(self, what: str, call: Callable[[], None], abortable: bool = True) -> None:
+        """``call`` until it succeeds; retriable errors are retried for ``retry_sec``. Past
+        that, or on another error: the rules above, or (not ``abortable``: starting or
+        aborting) the producer is unusable."""
         deadline = self.clock() + self.retry_sec
         while True:
             try:
@@ -183,7 +189,7 @@ class Checkpoint:
                     self.health.beat()  # still turning: liveness reflects a hung call only
                     self.sleep(0.5)
                     continue
-                if what == "abort_transaction":
+                if not abortable:
                     raise FatalProducerError(f"{what}: {error}") from exc
                 self._fail(error, what)
 

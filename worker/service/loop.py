@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from confluent_kafka import OFFSET_BEGINNING, KafkaError, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
 from schemas import AudioChunk, PartitionCheckpoint, RecordCodec, StreamProgress, TranscriptEvent
 from schemas import DeadLetter as DeadLetterRecord
@@ -195,6 +195,16 @@ class Worker:
 
     def run(self) -> None:
         """Serve until ``stop()``; then checkpoint and leave the group."""
+        self.start()
+        try:
+            while not self._stopping:
+                self.run_once()
+            self._drain()
+        finally:
+            self.close()
+
+    def start(self) -> None:
+        """Open the first transaction and join the group."""
         self.out.start()
         self.consumer.subscribe(
             [self.cfg.input_topic],
@@ -209,14 +219,12 @@ class Worker:
             self.cfg.group_id,
             self.cfg.delivery,
         )
-        try:
-            while not self._stopping:
-                self.run_once()
-            self._drain()
-        finally:
-            self.consumer.close()  # leaves the group; revocation checkpoints once more
-            self.out.close()
-            log.info("worker %s stopped", self.instance)
+
+    def close(self) -> None:
+        """Leave the group (revocation checkpoints once more) and close the producer."""
+        self.consumer.close()
+        self.out.close()
+        log.info("worker %s stopped", self.instance)
 
     def stop(self) -> None:
         """Ask the loop to finish its current step, checkpoint and exit (signal-safe)."""
@@ -518,9 +526,23 @@ class Worker:
             since = part.caught_up_since
             if since is None or p in self.holds or now - since < self.cfg.idle_timeout_sec:
                 continue
+            if not part.live or not self._still_at_end(p):
+                part.caught_up_since = None  # unsure (the broker is unreachable?): wait again
+                continue
             for stream in list(part.live.values()):
                 log.info("call %s: partition %d quiet, ending the call", stream.stream_id, p)
                 self._end(part, stream, end_at=self.positions.get(p, 0))
+
+    def _still_at_end(self, partition: int) -> bool:
+        """Ask the broker whether a quiet partition still has nothing past our position: a
+        broker that cannot be reached must not look like callers that hung up."""
+        tp = TopicPartition(self.cfg.input_topic, partition)
+        try:
+            _, high = self.consumer.get_watermark_offsets(tp, timeout=5)
+        except KafkaException as exc:
+            log.info("partition %d looks quiet, but the broker says: %s", partition, exc)
+            return False
+        return high <= self.positions.get(partition, 0)
 
     def _fail(self, stream: OpenStream, error: StreamError) -> None:
         log.warning("call %s failed: %s (%s)", stream.stream_id, error.message, error.reason)

@@ -77,7 +77,16 @@ class Recovery:
         """The checkpoint of each partition, once the progress topic shows all of it."""
         deadline = self.clock() + self.cfg.recovery_timeout_sec
         while True:
-            committed = self._committed(consumer, partitions)
+            try:
+                committed = self._committed(consumer, partitions)
+            except KafkaException as exc:
+                # Offsets still pending in another worker's open transaction: wait it out.
+                if exc.args[0].fatal() or self.clock() >= deadline:
+                    raise FatalWorkerError(f"reading committed offsets: {exc}") from exc
+                log.info("committed offsets not readable yet (%s): retrying", exc)
+                self.health.beat()
+                self.sleep(_RETRY_SEC)
+                continue
             streams, markers = self._read_progress(set(partitions))
             stale = []
             for p in partitions:

@@ -1,0 +1,1 @@
+"""Deterministic simulation of the worker's surroundings (see ``tests/sim/kafka.py``)."""

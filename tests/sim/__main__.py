@@ -1,0 +1,69 @@
+"""``python -m tests.sim [--seeds N] [--first S] [--json PATH]``: many simulation seeds, with
+progress, and a report of violations and faults injected."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tests.sim", description=__doc__)
+    parser.add_argument("--seeds", type=int, default=5000, help="how many seeds to run")
+    parser.add_argument("--first", type=int, default=0, help="first seed")
+    parser.add_argument("--json", type=Path, help="write the report here as JSON")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+
+    import torch
+
+    from producer_tools.conversation import default_conversations
+    from tests.sim.harness import Simulation, audit, make_input, sim_config
+    from worker.engine.engine import StreamingEngine
+    from worker.engine.models import build_random_models, load_models
+
+    torch.set_num_threads(1)
+    torch.set_default_dtype(torch.float64)
+    diarizer, asr = build_random_models("tiny", Path.home() / ".cache/callscribe/models")
+    models = load_models(str(diarizer), str(asr), device="cpu")
+    config = sim_config()
+    clips = [c.audio for c in default_conversations().values()]
+    faults: Counter[str] = Counter()
+    violations: list[str] = []
+    started = time.monotonic()
+    for n, seed in enumerate(range(args.first, args.first + args.seeds), 1):
+        records = make_input(random.Random(seed), 4, clips)
+        factory = lambda: StreamingEngine(models, config.engine)  # noqa: E731
+        reference = Simulation(seed, records, factory, faults=False).run()
+        faulted = Simulation(seed, records, factory, faults=True).run()
+        violations += audit(seed, reference, faulted)
+        faults.update(faulted.faults)
+        if n % 50 == 0 or n == args.seeds:
+            rate = n / (time.monotonic() - started)
+            print(
+                f"{n}/{args.seeds} seeds, {len(violations)} violations, "
+                f"{sum(faults.values())} faults, {rate:.1f} seeds/s",
+                file=sys.stderr,
+                flush=True,
+            )
+    report = {
+        "seeds": args.seeds,
+        "first_seed": args.first,
+        "violations": violations,
+        "faults": dict(sorted(faults.items())),
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 1 if violations else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

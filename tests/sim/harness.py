@@ -1,0 +1,385 @@
+"""Deterministic simulation of workers under faults, and the auditor of what they committed.
+
+One seed fixes everything: the calls (lengths, which end by end-of-stream and which just stop),
+the input records (chunking, repeats a producer retry would make, a few bad records), the
+publishing schedule, and, in a faulted run, the faults: worker kills and replacements, graceful
+stops, forced rebalances, lost partitions, aborted/retried/fenced transactions, lost delivery,
+the broker down for a while. The real ``Worker`` and the real engine (tiny models) run against
+the in-memory broker of ``tests/sim/kafka.py`` on a simulated clock; nothing sleeps.
+
+The auditor compares a faulted run with an uninterrupted one on the same input: every call's
+committed events must be the same list (ids and content), no event id twice, exactly one
+STREAM_END per call and last, and the same dead letters (a fault must never put one there).
+``python -m tests.sim SEEDS`` runs many seeds; a failing seed replays exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from producer_tools.stream import CallAudio, to_chunks
+from schemas import AudioChunk, DeadLetter, RecordCodec, TranscriptEvent
+from tests.sim.kafka import SimBroker, SimClients, SimClock, abortable, fatal, retriable
+from worker.config import WorkerConfig, load_config
+from worker.metrics import Health, Metrics
+from worker.service.loop import Engine, FatalWorkerError, ModelNames, Worker
+
+log = logging.getLogger(__name__)
+
+INPUT, OUTPUT, DEAD, PROGRESS = "audio", "transcripts", "dead", "progress"
+PARTITIONS = 3
+TICK_SEC = 0.05
+MAX_TICKS = 40_000
+
+
+@dataclass(frozen=True)
+class Published:
+    """An input record and the simulated time it is sent at."""
+
+    at: float
+    key: bytes | None
+    value: bytes
+
+
+def _partition_of(key: bytes) -> int:
+    return zlib.crc32(key) % PARTITIONS  # the sim broker's partitioner
+
+
+def make_input(rng: random.Random, calls: int, audio: list[np.ndarray]) -> list[Published]:
+    """Calls at real-time pace (some all at once, as a backlog) with staggered starts, a few
+    repeats and bad records, and a late call per partition that moves event time past every
+    call that just stopped."""
+    codec = RecordCodec(AudioChunk)
+    out: list[Published] = []
+    end = 0.0
+    for i in range(calls):
+        sid = f"call-{i}"
+        clip = audio[rng.randrange(len(audio))]
+        seconds = rng.uniform(2.0, min(7.0, len(clip) / 16000))
+        start = rng.uniform(0.0, 6.0)
+        chunk_ms = rng.choice([100, 200, 320])
+        chunks = to_chunks(
+            CallAudio(sid, clip[: int(seconds * 16000)]),
+            chunk_ms=chunk_ms,
+            start_ms=1_700_000_000_000 + int(start * 1000),
+        )
+        if rng.random() < 0.25:  # the caller's producer dies: no end-of-stream
+            chunks = chunks[: max(1, len(chunks) - 2)]
+            chunks[-1] = _replace(chunks[-1], end_of_stream=False)
+        burst = rng.random() < 0.3  # a backlog: the whole call is there at once
+        for chunk in chunks:
+            at = start if burst else start + chunk.sequence * chunk_ms / 1000
+            out.append(Published(at, sid.encode(), codec.encode(chunk)))
+            if rng.random() < 0.03:  # a producer retry without idempotence: the same bytes
+                out.append(Published(at + 0.01, sid.encode(), codec.encode(chunk)))
+        if rng.random() < 0.3:
+            out.append(Published(start + 0.5, sid.encode(), b"\x07not avro"))
+        end = max(end, out[-1].at)
+    # Event time moves on in every partition: calls that just stopped end on it.
+    late_start = end + 40.0
+    for p in range(PARTITIONS):
+        key = next(
+            f"late-{p}-{n}" for n in range(1000) if _partition_of(f"late-{p}-{n}".encode()) == p
+        )
+        for chunk in to_chunks(
+            CallAudio(key, audio[0][:16000]),
+            chunk_ms=200,
+            start_ms=int(1_700_000_000_000 + late_start * 1000),
+        ):
+            out.append(
+                Published(late_start + chunk.sequence * 0.2, key.encode(), codec.encode(chunk))
+            )
+    out.sort(key=lambda r: r.at)
+    return out
+
+
+def _replace(chunk: AudioChunk, **changes: Any) -> AudioChunk:
+    import dataclasses
+
+    return dataclasses.replace(chunk, **changes)
+
+
+def sim_config(**overrides: Any) -> WorkerConfig:
+    return load_config(
+        environ={},
+        overrides={
+            "input_topic": INPUT,
+            "output_topic": OUTPUT,
+            "dead_letter_topic": DEAD,
+            "progress_topic": PROGRESS,
+            "group_id": "sim",
+            "idle_timeout_sec": 30,
+            "transaction_timeout_ms": 10_000,
+            "recovery_timeout_sec": 60,
+            "kafka_retry_sec": 20,
+            "session_timeout_ms": 6_000,
+            "max_streams": 8,
+            "transaction_interval_ms": 1000,  # wide windows between checkpoints for faults
+            "float64": True,
+            **overrides,
+        },
+    )
+
+
+@dataclass
+class _SimWorker:
+    name: str
+    worker: Worker
+    alive: bool = True
+
+
+@dataclass
+class RunResult:
+    events: dict[str, list[TranscriptEvent]]  # committed, per call, in order
+    dead: list[tuple[int, int, str]]  # committed dead letters: (partition, offset, reason)
+    faults: Counter[str] = field(default_factory=Counter)
+    replays: int = 0  # partitions rebuilt from a checkpoint
+    ticks: int = 0
+
+
+class Simulation:
+    """One run: workers, broker, clock and (optionally) faults, all from one seed."""
+
+    def __init__(
+        self,
+        seed: int,
+        records: list[Published],
+        engine_factory: Callable[[], Engine],
+        faults: bool,
+        config: WorkerConfig | None = None,
+    ) -> None:
+        self.seed = seed
+        self.rng = random.Random(seed * 7919 + (1 if faults else 0))
+        self.clock = SimClock()
+        self.broker = SimBroker(self.clock, random.Random(seed))
+        for topic in (INPUT, OUTPUT, DEAD, PROGRESS):
+            self.broker.create_topic(topic, PARTITIONS)
+        self.clients = SimClients(self.broker)
+        self.records = records
+        self.engine_factory = engine_factory
+        self.faults = faults
+        self.cfg = config or sim_config()
+        self.workers: list[_SimWorker] = []
+        self.input = self.clients.producer({"bootstrap.servers": "sim"})
+        self.result = RunResult({}, [])
+        self._next_worker = 0
+        self._down_until: float | None = None
+
+    # -- actors ------------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        self._next_worker += 1
+        name = f"w{self._next_worker}"
+        config = load_config(environ={}, overrides={**_as_overrides(self.cfg), "instance_id": name})
+        worker = Worker(
+            config,
+            self.engine_factory(),
+            ModelNames("diarizer", "asr"),
+            Metrics(),
+            Health(stale_after_sec=1e9),
+            clients=self.clients,
+            clock=self.clock.now,
+            wall_ms=lambda: int(self.clock.now() * 1000),
+            sleep=self.clock.advance,
+        )
+        sim_worker = _SimWorker(name, worker)
+        self.workers.append(sim_worker)
+        try:
+            worker.start()
+        except FatalWorkerError as exc:  # e.g. the broker is down for longer than it retries
+            log.info("sim: %s could not start: %s", name, exc)
+            self.result.faults["fatal_exit"] += 1
+            self._kill(sim_worker)
+
+    def _live(self) -> list[_SimWorker]:
+        return [w for w in self.workers if w.alive]
+
+    def _publish_due(self, cursor: int) -> int:
+        if self.broker.down:
+            return cursor
+        while cursor < len(self.records) and self.records[cursor].at <= self.clock.now():
+            rec = self.records[cursor]
+            ts = int(1_700_000_000_000 + rec.at * 1000)
+            self.input.produce(INPUT, value=rec.value, key=rec.key, timestamp=ts)
+            cursor += 1
+        return cursor
+
+    def _turn(self, w: _SimWorker) -> None:
+        try:
+            w.worker.run_once()
+        except FatalWorkerError as exc:
+            # A worker that stops on a fatal error is restarted by its orchestrator.
+            log.info("sim: %s stopped: %s", w.name, exc)
+            self.result.faults["fatal_exit"] += 1
+            self._kill(w)
+
+    def _kill(self, w: _SimWorker) -> None:
+        w.alive = False
+        self.broker.kill(w.worker.consumer)
+
+    # -- faults ------------------------------------------------------------------------------
+
+    def _maybe_fault(self) -> None:
+        if not self.faults or self.rng.random() > 0.01:
+            return
+        live = self._live()
+        kind = self.rng.choice(
+            [
+                "kill",
+                "kill",
+                "stop",
+                "start",
+                "rebalance",
+                "lose",
+                "txn_abort",
+                "txn_retry",
+                "txn_fatal",
+                "offsets_abort",
+                "delivery",
+                "queue_full",
+                "down",
+            ]
+        )
+        target = self.rng.choice(live) if live else None
+        self.result.faults[kind] += 1
+        if kind == "kill" and target and len(live) > 1:
+            self._kill(target)
+            self._start_worker()
+        elif kind == "stop" and target:
+            target.worker.stop()
+            target.worker._drain()
+            target.worker.close()
+            target.alive = False
+            self._start_worker()
+        elif kind == "start" and len(live) < 3:
+            self._start_worker()
+        elif kind == "rebalance":
+            self.broker.rebalance(self.cfg.group_id)
+        elif kind == "lose" and target:
+            self.broker.lose(target.worker.consumer, notice_after=self.rng.uniform(0, 3))
+        elif kind == "txn_abort" and target:
+            self.broker.inject("commit_transaction", target.worker.out.producer, abortable())
+        elif kind == "txn_retry" and target:
+            self.broker.inject(
+                "commit_transaction",
+                target.worker.out.producer,
+                retriable(),
+                applied=self.rng.random() < 0.5,
+            )
+        elif kind == "txn_fatal" and target:
+            self.broker.inject("commit_transaction", target.worker.out.producer, fatal())
+        elif kind == "offsets_abort" and target:
+            self.broker.inject("send_offsets_to_transaction", target.worker.out.producer)
+        elif kind == "delivery" and target:
+            self.broker.inject("produce", target.worker.out.producer)
+        elif kind == "queue_full" and target:
+            self.broker.inject("produce_queue_full", target.worker.out.producer)
+        elif kind == "down" and self._down_until is None:
+            self.broker.set_down(True)
+            self._down_until = self.clock.now() + self.rng.uniform(1, 15)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        self._start_worker()
+        if self.faults:
+            self._start_worker()
+        cursor = 0
+        calls = {r.key.decode() for r in self.records if r.key}
+        for tick in range(MAX_TICKS):
+            cursor = self._publish_due(cursor)
+            self._maybe_fault()
+            if self._down_until is not None and self.clock.now() >= self._down_until:
+                self.broker.set_down(False)
+                self._down_until = None
+            live = self._live()
+            if not live:
+                self._start_worker()
+                live = self._live()
+            for w in self.rng.sample(live, len(live)):
+                self._turn(w)
+            self.clock.advance(TICK_SEC)
+            if cursor == len(self.records) and tick % 20 == 0 and self._all_ended(calls):
+                self.result.ticks = tick
+                break
+        else:
+            raise AssertionError(f"seed {self.seed}: calls did not all end in {MAX_TICKS} ticks")
+        for w in self._live():
+            w.worker.stop()
+            w.worker._drain()
+        self._collect()
+        return self.result
+
+    def _all_ended(self, calls: set[str]) -> bool:
+        codec = RecordCodec(TranscriptEvent)
+        ended = set()
+        for _, value in self._committed(OUTPUT):
+            event = codec.decode(value)
+            if event.kind == "STREAM_END":
+                ended.add(event.stream_id)
+        return calls <= ended
+
+    def _committed(self, topic: str) -> list[tuple[bytes, bytes]]:
+        return [(r.key, r.value) for r in self.broker.committed_records(topic) if r.value]
+
+    def _collect(self) -> None:
+        events = RecordCodec(TranscriptEvent)
+        dead = RecordCodec(DeadLetter)
+        by_call: dict[str, list[TranscriptEvent]] = defaultdict(list)
+        for _, value in self._committed(OUTPUT):
+            event = events.decode(value)
+            by_call[event.stream_id].append(event)
+        self.result.events = dict(by_call)
+        self.result.dead = sorted(
+            (d.source_partition, d.source_offset, d.reason)
+            for d in (dead.decode(v) for _, v in self._committed(DEAD))
+        )
+
+
+def _as_overrides(config: WorkerConfig) -> dict[str, Any]:
+    import dataclasses
+
+    out = {
+        f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "engine"
+    }
+    out.update({f.name: getattr(config.engine, f.name) for f in dataclasses.fields(config.engine)})
+    return out
+
+
+def audit(seed: int, reference: RunResult, faulted: RunResult) -> list[str]:
+    """What the faulted run committed that the uninterrupted one did not, as violations."""
+    problems = []
+    for call, events in faulted.events.items():
+        ids = Counter(e.event_id for e in events)
+        twice = [i for i, n in ids.items() if n > 1]
+        if twice:
+            problems.append(f"{call}: {len(twice)} event ids committed twice")
+        ends = [i for i, e in enumerate(events) if e.kind == "STREAM_END"]
+        if len(ends) != 1 or ends[0] != len(events) - 1:
+            problems.append(f"{call}: STREAM_END at {ends} of {len(events)} events")
+    for call in sorted(set(reference.events) | set(faulted.events)):
+        want = reference.events.get(call, [])
+        got = faulted.events.get(call, [])
+        if got != want:
+            first = next(
+                (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+                min(len(got), len(want)),
+            )
+            problems.append(
+                f"{call}: {len(got)} events committed, the uninterrupted run {len(want)}; "
+                f"first difference at event {first}"
+            )
+    if faulted.dead != reference.dead:
+        extra = sorted(set(faulted.dead) - set(reference.dead))
+        missing = sorted(set(reference.dead) - set(faulted.dead))
+        dupes = len(faulted.dead) - len(set(faulted.dead))
+        problems.append(f"dead letters: extra {extra[:5]}, missing {missing[:5]}, repeated {dupes}")
+    return [f"seed {seed}: {p}" for p in problems]
