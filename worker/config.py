@@ -136,6 +136,13 @@ class WorkerConfig:
             "open calls per worker; a new call past it waits (its partition pauses) for a slot"
         ),
     )
+    max_streams_hard: int = field(
+        default=384,
+        metadata=_help(
+            "past max_streams, a new call on a partition with open calls is still admitted up "
+            "to this, so that it never stalls them"
+        ),
+    )
     max_payload_bytes: int = field(
         default=1_048_576, metadata=_help("largest AudioChunk payload accepted")
     )
@@ -233,6 +240,11 @@ class WorkerConfig:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.poll_timeout_ms * 10 > self.max_poll_interval_ms:
             raise ConfigError("poll_timeout_ms must be far below max_poll_interval_ms")
+        if self.max_streams_hard < self.max_streams:
+            raise ConfigError(
+                f"max_streams_hard ({self.max_streams_hard}) must be at least max_streams "
+                f"({self.max_streams})"
+            )
         if self.max_producer_restarts < 0:
             raise ConfigError(
                 f"max_producer_restarts must be 0 or more, got {self.max_producer_restarts}"

@@ -108,7 +108,7 @@ class Metrics:
         )
         self.overcommits = Counter(
             f"{p}admission_overcommits_total",
-            "Calls admitted past max_streams because every partition was waiting for a slot",
+            "Calls admitted past max_streams so that no open call stalls behind them",
             registry=r,
         )
         self.producer_restarts = Counter(

@@ -53,50 +53,67 @@ def _partition_of(key: bytes) -> int:
     return zlib.crc32(key) % PARTITIONS  # the sim broker's partitioner
 
 
+def call_records(
+    sid: str,
+    clip: np.ndarray,
+    *,
+    start: float = 0.0,
+    chunk_ms: int = 200,
+    burst: bool = False,
+    end_of_stream: bool = True,
+) -> list[Published]:
+    """One call's records: at real-time pace from ``start``, or all at ``start`` (a backlog)."""
+    codec = RecordCodec(AudioChunk)
+    chunks = to_chunks(
+        CallAudio(sid, clip), chunk_ms=chunk_ms, start_ms=1_700_000_000_000 + int(start * 1000)
+    )
+    if not end_of_stream:  # the caller's producer died
+        chunks[-1] = _replace(chunks[-1], end_of_stream=False)
+    return [
+        Published(
+            start if burst else start + c.sequence * chunk_ms / 1000, sid.encode(), codec.encode(c)
+        )
+        for c in chunks
+    ]
+
+
+def late_calls(after: float, clip: np.ndarray) -> list[Published]:
+    """A short call on every partition at ``after``: event time moves past calls that stopped."""
+    out = []
+    for p in range(PARTITIONS):
+        key = next(
+            f"late-{p}-{n}" for n in range(1000) if _partition_of(f"late-{p}-{n}".encode()) == p
+        )
+        out += call_records(key, clip[:16000], start=after)
+    return out
+
+
 def make_input(rng: random.Random, calls: int, audio: list[np.ndarray]) -> list[Published]:
     """Calls at real-time pace (some all at once, as a backlog) with staggered starts, a few
     repeats and bad records, and a late call per partition that moves event time past every
     call that just stopped."""
-    codec = RecordCodec(AudioChunk)
     out: list[Published] = []
-    end = 0.0
     for i in range(calls):
         sid = f"call-{i}"
         clip = audio[rng.randrange(len(audio))]
         seconds = rng.uniform(2.0, min(7.0, len(clip) / 16000))
         start = rng.uniform(0.0, 6.0)
-        chunk_ms = rng.choice([100, 200, 320])
-        chunks = to_chunks(
-            CallAudio(sid, clip[: int(seconds * 16000)]),
-            chunk_ms=chunk_ms,
-            start_ms=1_700_000_000_000 + int(start * 1000),
+        records = call_records(
+            sid,
+            clip[: int(seconds * 16000)],
+            start=start,
+            chunk_ms=rng.choice([100, 200, 320]),
+            burst=rng.random() < 0.3,
+            end_of_stream=rng.random() >= 0.25,
         )
-        if rng.random() < 0.25:  # the caller's producer dies: no end-of-stream
-            chunks = chunks[: max(1, len(chunks) - 2)]
-            chunks[-1] = _replace(chunks[-1], end_of_stream=False)
-        burst = rng.random() < 0.3  # a backlog: the whole call is there at once
-        for chunk in chunks:
-            at = start if burst else start + chunk.sequence * chunk_ms / 1000
-            out.append(Published(at, sid.encode(), codec.encode(chunk)))
+        for rec in records:
+            out.append(rec)
             if rng.random() < 0.03:  # a producer retry without idempotence: the same bytes
-                out.append(Published(at + 0.01, sid.encode(), codec.encode(chunk)))
+                out.append(Published(rec.at + 0.01, rec.key, rec.value))
         if rng.random() < 0.3:
             out.append(Published(start + 0.5, sid.encode(), b"\x07not avro"))
-        end = max(end, out[-1].at)
-    # Event time moves on in every partition: calls that just stopped end on it.
-    late_start = end + 40.0
-    for p in range(PARTITIONS):
-        key = next(
-            f"late-{p}-{n}" for n in range(1000) if _partition_of(f"late-{p}-{n}".encode()) == p
-        )
-        for chunk in to_chunks(
-            CallAudio(key, audio[0][:16000]),
-            chunk_ms=200,
-            start_ms=int(1_700_000_000_000 + late_start * 1000),
-        ):
-            out.append(
-                Published(late_start + chunk.sequence * 0.2, key.encode(), codec.encode(chunk))
-            )
+    end = max(r.at for r in out)
+    out += late_calls(end + 40.0, audio[0])
     out.sort(key=lambda r: r.at)
     return out
 
@@ -155,6 +172,9 @@ class Simulation:
         engine_factory: Callable[[], Engine],
         faults: bool,
         config: WorkerConfig | None = None,
+        script: dict[int, Callable[[Simulation], None]] | None = None,
+        workers: int | None = None,
+        calls_ending: set[str] | None = None,
     ) -> None:
         self.seed = seed
         self.rng = random.Random(seed * 7919 + (1 if faults else 0))
@@ -168,6 +188,9 @@ class Simulation:
         self.faults = faults
         self.cfg = config or sim_config()
         self.workers: list[_SimWorker] = []
+        self.script = script or {}  # tick -> an action on the simulation (named scenarios)
+        self.first_workers = workers or (2 if faults else 1)
+        self.calls_ending = calls_ending  # the run ends once these have ended (default: all)
         self.input = self.clients.producer({"bootstrap.servers": "sim"})
         self.result = RunResult({}, [])
         self._next_worker = 0
@@ -220,6 +243,11 @@ class Simulation:
             log.info("sim: %s stopped: %s", w.name, exc)
             self.result.faults["fatal_exit"] += 1
             self._kill(w)
+
+    def kill(self, w: _SimWorker) -> None:
+        """SIGKILL: the worker stops mid-whatever; its open transaction stays open."""
+        self.result.faults["kill"] += 1
+        self._kill(w)
 
     def _kill(self, w: _SimWorker) -> None:
         w.alive = False
@@ -289,13 +317,16 @@ class Simulation:
     # -- the run -----------------------------------------------------------------------------
 
     def run(self) -> RunResult:
-        self._start_worker()
-        if self.faults:
+        for _ in range(self.first_workers):
             self._start_worker()
         cursor = 0
-        calls = {r.key.decode() for r in self.records if r.key}
+        calls = self.calls_ending
+        if calls is None:
+            calls = {r.key.decode() for r in self.records if r.key}
         for tick in range(MAX_TICKS):
             cursor = self._publish_due(cursor)
+            if tick in self.script:
+                self.script[tick](self)
             self._maybe_fault()
             if self._down_until is not None and self.clock.now() >= self._down_until:
                 self.broker.set_down(False)
@@ -362,8 +393,9 @@ def audit(seed: int, reference: RunResult, faulted: RunResult) -> list[str]:
         twice = [i for i, n in ids.items() if n > 1]
         if twice:
             problems.append(f"{call}: {len(twice)} event ids committed twice")
+        # A stream id reused for a later call has one STREAM_END per call; each call's last.
         ends = [i for i, e in enumerate(events) if e.kind == "STREAM_END"]
-        if len(ends) != 1 or ends[0] != len(events) - 1:
+        if not ends or ends[-1] != len(events) - 1:
             problems.append(f"{call}: STREAM_END at {ends} of {len(events)} events")
     for call in sorted(set(reference.events) | set(faulted.events)):
         want = reference.events.get(call, [])

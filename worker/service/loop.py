@@ -357,7 +357,7 @@ class Worker:
             self._advance(partition, offset)
             return
         if stream is None:
-            if len(self.by_key) >= self.cfg.max_streams and not self._must_overcommit(partition):
+            if len(self.by_key) >= self.cfg.max_streams and not self._admit_over_limit(partition):
                 self._hold(partition, offset, None)
                 return
             stream = self._open(part, chunk, offset)
@@ -902,18 +902,23 @@ class Worker:
         if released:
             self.metrics.on_paused(len(self.holds))
 
-    def _must_overcommit(self, partition: int) -> bool:
-        """At the stream limit, a new call waits for a slot, unless nothing can free one:
-        every owned partition waits for a slot and no call has work in the engine."""
-        others = set(self.parts) - {partition}
-        stuck = all(p in self.holds and self.holds[p].stream_key is None for p in others)
-        finishing = any(part.finishing for part in self.parts.values())
-        if not stuck or finishing or self.engine.ready_streams():
+    def _admit_over_limit(self, partition: int) -> bool:
+        """At ``max_streams`` a new call waits, its partition paused, only where that stalls
+        no open call: on a partition with open calls it is admitted up to
+        ``max_streams_hard``. Past that it waits too, unless nothing could ever free a slot
+        (no call elsewhere that can move, none finishing, no work in the engine)."""
+        part = self.parts[partition]
+        if part.live and len(self.by_key) < self.cfg.max_streams_hard:
+            self.metrics.on_overcommit()
+            return True
+        movable = any(
+            other.live for p, other in self.parts.items() if p != partition and p not in self.holds
+        )
+        finishing = any(other.finishing for other in self.parts.values())
+        if movable or finishing or self.engine.ready_streams():
             return False
         log.warning(
-            "stream limit %d reached and every partition waits for a slot: admitting a call "
-            "over the limit",
-            self.cfg.max_streams,
+            "stream limit reached and no open call can free a slot: admitting a call over it"
         )
         self.metrics.on_overcommit()
         return True

@@ -1,0 +1,213 @@
+"""Named scenarios of issue 7, each a simulation with its fault placed where it hurts most.
+
+Each test asserts that its situation happened (a replay ran, a partition was held, a kill
+landed with a transaction open) and that the committed output equals an uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from schemas import EventKind
+from tests.sim.harness import (
+    INPUT,
+    PARTITIONS,
+    Published,
+    RunResult,
+    Simulation,
+    _partition_of,
+    audit,
+    call_records,
+    late_calls,
+    sim_config,
+)
+from tests.sim.kafka import abortable
+
+
+@pytest.fixture(scope="module")
+def engine_factory(fp64_models):
+    from worker.engine.engine import StreamingEngine
+
+    config = sim_config()
+    return lambda: StreamingEngine(fp64_models, config.engine)
+
+
+@pytest.fixture(scope="module")
+def clip() -> np.ndarray:
+    from producer_tools.conversation import default_conversations
+
+    audio = next(iter(default_conversations().values())).audio
+    return np.tile(audio, 1 + 70 * 16000 // len(audio))  # long enough for a 60 s call
+
+
+def _id_on(partition: int) -> str:
+    """A stream id that the sim broker puts on ``partition``."""
+    return next(
+        f"call-{n}" for n in range(1000) if _partition_of(f"call-{n}".encode()) == partition
+    )
+
+
+def _run(records, factory, **kwargs) -> tuple[Simulation, RunResult]:
+    sim = Simulation(0, sorted(records, key=lambda r: r.at), factory, **kwargs)
+    return sim, sim.run()
+
+
+def _when(condition: Callable[[Simulation], bool], action: Callable[[Simulation], None]):
+    """A script that runs ``action`` at the first tick where ``condition`` holds."""
+    done = False
+
+    def step(sim: Simulation) -> None:
+        nonlocal done
+        if not done and condition(sim):
+            done = True
+            action(sim)
+
+    return {tick: step for tick in range(0, 40_000)}, lambda: done
+
+
+def test_a_60_s_backlog_is_processed_whole_and_equals_a_live_call(engine_factory, clip) -> None:
+    """Issue 7.1: a call waiting in Kafka used to fail past 30 s (`buffer_full`)."""
+    call = clip[: 60 * 16000]
+    live = call_records("call-0", call) + late_calls(100, clip)
+    backlog = call_records("call-0", call, burst=True) + late_calls(100, clip)
+    sim, held = _run(backlog, engine_factory, faults=False)
+    _, paced = _run(live, engine_factory, faults=False)
+    assert held.dead == [] and paced.dead == []
+    assert held.events["call-0"] == paced.events["call-0"]
+    assert held.events["call-0"][-1].kind == EventKind.STREAM_END
+    assert sim.workers[0].worker.metrics.paused._value.get() == 0
+    assert held.events["call-0"][-1].end_s == pytest.approx(60.0)
+
+
+def test_an_aborted_commit_mid_call_commits_nothing_of_its_turn(engine_factory, clip) -> None:
+    """Issue 7.2: after an abort, the same turn used to commit progress counting lost events."""
+    records = call_records("call-0", clip[: 12 * 16000]) + late_calls(60, clip)
+    _, reference = _run(records, engine_factory, faults=False)
+
+    def has_output(sim: Simulation) -> bool:
+        return any(w.worker.out.produced for w in sim._live())
+
+    def abort(sim: Simulation) -> None:
+        for w in sim._live():
+            sim.broker.inject("commit_transaction", w.worker.out.producer, abortable())
+
+    script, fired = _when(has_output, abort)
+    _, faulted = _run(records, engine_factory, faults=False, script=script)
+    assert fired()
+    assert audit(0, reference, faulted) == []
+
+
+def test_a_worker_killed_with_its_transaction_open_is_replaced_exactly(
+    engine_factory, clip
+) -> None:
+    """Issue 7.6: the replacement must not act on a snapshot older than the committed offsets
+    (the dead worker's open transaction hides the newest progress until it is fenced)."""
+    calls = [
+        call_records(sid, clip[: (10 + 3 * i) * 16000], start=i)
+        for i, sid in enumerate(["a", "b", "c"])
+    ]
+    records = [r for call in calls for r in call] + late_calls(60, clip)
+    _, reference = _run(records, engine_factory, faults=False)
+
+    def mid_call_with_open_transaction(sim: Simulation) -> bool:
+        committed = sim.broker.committed_records("transcripts")
+        return len(committed) >= 3 and any(w.worker.out.produced for w in sim._live())
+
+    def kill_it(sim: Simulation) -> None:
+        victim = next(w for w in sim._live() if w.worker.out.produced)
+        sim.kill(victim)
+        sim._start_worker()
+
+    script, fired = _when(mid_call_with_open_transaction, kill_it)
+    sim, faulted = _run(records, engine_factory, faults=False, workers=2, script=script)
+    assert fired()
+    assert audit(0, reference, faulted) == []
+    replays = sum(w.worker.metrics.replayed._value.get() for w in sim.workers)
+    assert replays > 0, "no call was rebuilt: the kill did not land mid-call"
+
+
+def test_a_held_partition_resumes_after_an_abort(engine_factory, clip) -> None:
+    """Issue 7.4: a rebuild used to leave partitions paused for good. One slot, two calls on
+    two partitions: the second waits (held), then an abort rebuilds while it waits."""
+    first, second = _id_on(0), _id_on(1)
+    records = (
+        call_records(first, clip[: 8 * 16000])
+        + call_records(second, clip[: 6 * 16000], start=1.0)
+        + late_calls(60, clip)
+    )
+    config = sim_config(max_streams=1, max_streams_hard=1)
+    _, reference = _run(records, engine_factory, faults=False, config=config, workers=1)
+
+    def holding(sim: Simulation) -> bool:
+        return any(w.worker.holds for w in sim._live())
+
+    def abort(sim: Simulation) -> None:
+        for w in sim._live():
+            sim.broker.inject("commit_transaction", w.worker.out.producer, abortable())
+
+    script, fired = _when(holding, abort)
+    _, faulted = _run(
+        records, engine_factory, faults=False, config=config, workers=1, script=script
+    )
+    assert fired()
+    assert audit(0, reference, faulted) == []
+
+
+def test_a_reused_stream_id_is_two_calls_with_their_own_ids(engine_factory, clip) -> None:
+    """Issue 7.7: the same rule on every worker: sequence 0 after the end starts a new call."""
+    records = (
+        call_records("again", clip[: 4 * 16000])
+        + call_records("again", clip[16000 : 5 * 16000], start=8.0)
+        + late_calls(60, clip)
+    )
+    _, result = _run(records, engine_factory, faults=False)
+    events = result.events["again"]
+    ends = [e for e in events if e.kind == EventKind.STREAM_END]
+    assert len(ends) == 2
+    assert len({e.event_id for e in events}) == len(events)
+    assert result.dead == []
+
+
+def test_a_call_whose_start_is_past_retention_ends_with_a_dead_letter(engine_factory, clip) -> None:
+    """Issue 7.7: rebuilt from the middle, a call used to come out with shifted times and
+    reused event ids. Now it is ended with `replay_unavailable` and nothing more of it."""
+    records = call_records("long", clip[: 20 * 16000])
+    partition = _partition_of(b"long")
+
+    def committed_some(sim: Simulation) -> bool:
+        return len(sim.broker.committed_records("transcripts")) >= 2
+
+    def expire_and_kill(sim: Simulation) -> None:
+        low, _, _ = sim.broker.watermarks(INPUT, partition)
+        sim.broker.delete_records_before(INPUT, partition, low + 1)
+        for w in sim._live():
+            sim.kill(w)
+        sim._start_worker()
+
+    script, fired = _when(committed_some, expire_and_kill)
+    sim = Simulation(0, records, engine_factory, faults=False, script=script, calls_ending=set())
+    sim.calls_ending = set()
+
+    result = _run_until_dead_letter(sim)
+    assert fired()
+    reasons = [reason for _, _, reason in result.dead]
+    assert reasons.count("replay_unavailable") == 1
+    # The call's chunks after that point are each rejected: it is no longer open.
+    assert set(reasons) == {"replay_unavailable", "stream_not_open"}
+    kinds = [e.kind for e in result.events.get("long", [])]
+    assert EventKind.STREAM_END not in kinds and len(kinds) >= 2
+    assert partition < PARTITIONS
+
+
+def _run_until_dead_letter(sim: Simulation) -> RunResult:
+    """Run ``sim`` until its first committed dead letter (the run has no call to wait for)."""
+    original = sim._all_ended
+    sim._all_ended = lambda calls: bool(sim.broker.committed_records("dead")) and original(calls)
+    return sim.run()
+
+
+def _records_of(records: list[Published], key: str) -> list[Published]:
+    return [r for r in records if r.key == key.encode()]
