@@ -470,6 +470,8 @@ class Worker:
 
     def _end(self, part: PartitionStreams, stream: OpenStream, end_at: int) -> None:
         """The call takes no more records from ``end_at`` on; it finishes in the engine."""
+        if self.by_key.get(stream.engine_key) is not stream:
+            return  # it failed meanwhile and is gone
         if part.live.get(stream.stream_id) is stream:
             del part.live[stream.stream_id]
         part.finishing[stream.engine_key] = stream
@@ -545,10 +547,13 @@ class Worker:
         return high <= self.positions.get(partition, 0)
 
     def _fail(self, stream: OpenStream, error: StreamError) -> None:
+        """The engine gave up on a call (a model error): end it where it is."""
         log.warning("call %s failed: %s (%s)", stream.stream_id, error.message, error.reason)
         self.engine.drop_stream(stream.engine_key)
         source = Source(self.cfg.input_topic, stream.partition, stream.first_offset, None, None)
         self._produce_dead_letter(source, "stream_failed", f"{error.reason}: {error.message}")
+        # Readers waiting for the call's end get it: the dead letter says why it came early.
+        self._emit(stream, end_event(stream, self.models), latency_from_ms=None)
         self._forget(stream)
 
     def _forget(self, stream: OpenStream) -> None:
