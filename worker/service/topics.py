@@ -15,14 +15,19 @@ log = logging.getLogger(__name__)
 
 def topic_specs(config: WorkerConfig, partitions: int, replication: int) -> list[NewTopic]:
     """Input and output share the partition count; progress is compacted (one record per
-    open stream); the input keeps records long enough to replay the longest open stream."""
+    open stream); the input keeps records long enough to replay the longest open stream, and
+    its timestamps are the broker's append times: the event-time clock of idle ends then
+    cannot be pushed ahead by a producer whose clock is wrong."""
     retention_ms = int((config.max_stream_sec + config.idle_timeout_sec) * 1000 * 2)
     return [
         NewTopic(
             config.input_topic,
             partitions,
             replication,
-            config={"retention.ms": str(max(retention_ms, 24 * 3600 * 1000))},
+            config={
+                "retention.ms": str(max(retention_ms, 24 * 3600 * 1000)),
+                "message.timestamp.type": "LogAppendTime",
+            },
         ),
         NewTopic(config.output_topic, partitions, replication),
         NewTopic(config.dead_letter_topic, 1, replication),
