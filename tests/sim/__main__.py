@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from collections import Counter
@@ -24,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from producer_tools.conversation import default_conversations
-    from tests.sim.harness import Simulation, audit, make_input, sim_config
+    from tests.sim.harness import run_seed, sim_config
     from worker.engine.engine import StreamingEngine
     from worker.engine.models import build_random_models, load_models
 
@@ -34,15 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     models = load_models(str(diarizer), str(asr), device="cpu")
     config = sim_config()
     clips = [c.audio for c in default_conversations().values()]
+    factory = lambda: StreamingEngine(models, config.engine)  # noqa: E731
     faults: Counter[str] = Counter()
     violations: list[str] = []
     started = time.monotonic()
     for n, seed in enumerate(range(args.first, args.first + args.seeds), 1):
-        records = make_input(random.Random(seed), 4, clips)
-        factory = lambda: StreamingEngine(models, config.engine)  # noqa: E731
-        reference = Simulation(seed, records, factory, faults=False).run()
-        faulted = Simulation(seed, records, factory, faults=True).run()
-        violations += audit(seed, reference, faulted)
+        found, faulted = run_seed(seed, factory, clips)
+        violations += found
         faults.update(faulted.faults)
         if n % 50 == 0 or n == args.seeds:
             rate = n / (time.monotonic() - started)

@@ -15,7 +15,6 @@ from schemas import EventKind
 from tests.sim.harness import (
     INPUT,
     PARTITIONS,
-    Published,
     RunResult,
     Simulation,
     _partition_of,
@@ -41,6 +40,9 @@ def clip() -> np.ndarray:
 
     audio = next(iter(default_conversations().values())).audio
     return np.tile(audio, 1 + 70 * 16000 // len(audio))  # long enough for a 60 s call
+
+
+CALL0 = "call-0@0"  # the first call of a partition: its call starts at offset 0
 
 
 def _id_on(partition: int) -> str:
@@ -76,10 +78,10 @@ def test_a_60_s_backlog_is_processed_whole_and_equals_a_live_call(engine_factory
     sim, held = _run(backlog, engine_factory, faults=False)
     _, paced = _run(live, engine_factory, faults=False)
     assert held.dead == [] and paced.dead == []
-    assert held.events["call-0"] == paced.events["call-0"]
-    assert held.events["call-0"][-1].kind == EventKind.STREAM_END
+    assert held.events[CALL0] == paced.events[CALL0]
+    assert held.events[CALL0][-1].kind == EventKind.STREAM_END
     assert sim.workers[0].worker.metrics.paused._value.get() == 0
-    assert held.events["call-0"][-1].end_s == pytest.approx(60.0)
+    assert held.events[CALL0][-1].end_s == pytest.approx(60.0)
 
 
 def test_an_aborted_commit_mid_call_commits_nothing_of_its_turn(engine_factory, clip) -> None:
@@ -164,10 +166,12 @@ def test_a_reused_stream_id_is_two_calls_with_their_own_ids(engine_factory, clip
         + late_calls(60, clip)
     )
     _, result = _run(records, engine_factory, faults=False)
-    events = result.events["again"]
-    ends = [e for e in events if e.kind == EventKind.STREAM_END]
-    assert len(ends) == 2
-    assert len({e.event_id for e in events}) == len(events)
+    calls = sorted(call for call in result.events if call.startswith("again@"))
+    assert len(calls) == 2 and "again@?" not in calls
+    for call in calls:
+        assert [e.kind for e in result.events[call]].count(EventKind.STREAM_END) == 1
+    ids = [e.event_id for call in calls for e in result.events[call]]
+    assert len(set(ids)) == len(ids)
     assert result.dead == []
 
 
@@ -188,26 +192,20 @@ def test_a_call_whose_start_is_past_retention_ends_with_a_dead_letter(engine_fac
         sim._start_worker()
 
     script, fired = _when(committed_some, expire_and_kill)
-    sim = Simulation(0, records, engine_factory, faults=False, script=script, calls_ending=set())
-    sim.calls_ending = set()
-
-    result = _run_until_dead_letter(sim)
+    sim = Simulation(
+        0,
+        records,
+        engine_factory,
+        faults=False,
+        script=script,
+        done=lambda sim: bool(sim.broker.committed_records("dead")) and sim.quiescent(),
+    )
+    result = sim.run()
     assert fired()
     reasons = [reason for _, _, reason in result.dead]
     assert reasons.count("replay_unavailable") == 1
     # The call's chunks after that point are each rejected: it is no longer open.
     assert set(reasons) == {"replay_unavailable", "stream_not_open"}
-    kinds = [e.kind for e in result.events.get("long", [])]
+    kinds = [e.kind for e in result.events.get("long@0", [])]
     assert EventKind.STREAM_END not in kinds and len(kinds) >= 2
     assert partition < PARTITIONS
-
-
-def _run_until_dead_letter(sim: Simulation) -> RunResult:
-    """Run ``sim`` until its first committed dead letter (the run has no call to wait for)."""
-    original = sim._all_ended
-    sim._all_ended = lambda calls: bool(sim.broker.committed_records("dead")) and original(calls)
-    return sim.run()
-
-
-def _records_of(records: list[Published], key: str) -> list[Published]:
-    return [r for r in records if r.key == key.encode()]

@@ -8,11 +8,10 @@ runs thousands and writes a report.
 from __future__ import annotations
 
 import os
-import random
 
 import pytest
 
-from tests.sim.harness import Simulation, audit, make_input, sim_config
+from tests.sim.harness import run_seed, sim_config
 
 SEEDS = int(os.environ.get("CALLSCRIBE_SIM_SEEDS", "300"))
 SEEDS_PER_TEST = 25
@@ -33,21 +32,14 @@ def clips():
     return [c.audio for c in default_conversations().values()]
 
 
-def run_seed(seed: int, engine_factory, clips) -> tuple[list[str], dict]:
-    records = make_input(random.Random(seed), 4, clips)
-    reference = Simulation(seed, records, engine_factory, faults=False).run()
-    faulted = Simulation(seed, records, engine_factory, faults=True).run()
-    return audit(seed, reference, faulted), dict(faulted.faults)
-
-
 @pytest.mark.parametrize("first", range(0, SEEDS, SEEDS_PER_TEST))
 def test_faulted_runs_commit_what_uninterrupted_runs_commit(first, sim_engine, clips) -> None:
     violations: list[str] = []
     faults: dict[str, int] = {}
     for seed in range(first, min(first + SEEDS_PER_TEST, SEEDS)):
-        found, injected = run_seed(seed, sim_engine, clips)
+        found, faulted = run_seed(seed, sim_engine, clips)
         violations += found
-        for kind, n in injected.items():
+        for kind, n in faulted.faults.items():
             faults[kind] = faults.get(kind, 0) + n
     assert sum(faults.values()) > 0, "no fault was injected: the test tested nothing"
     assert violations == [], "\n".join(violations)

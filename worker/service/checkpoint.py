@@ -102,11 +102,16 @@ class Checkpoint:
 
     # -- records -----------------------------------------------------------------------------
 
-    def produce(self, topic: str, key: bytes | None, value: bytes | None) -> None:
-        """Add a record to the current transaction (or the unflushed batch)."""
+    def produce(
+        self, topic: str, key: bytes | None, value: bytes | None, partition: int = -1
+    ) -> None:
+        """Add a record to the current transaction (or the unflushed batch); ``partition``
+        -1: by key."""
         while True:
             try:
-                self.producer.produce(topic, value=value, key=key, on_delivery=self._on_delivery)
+                self.producer.produce(
+                    topic, value=value, key=key, partition=partition, on_delivery=self._on_delivery
+                )
                 self.produced += 1
                 return
             except BufferError:
@@ -119,6 +124,19 @@ class Checkpoint:
             self._delivery_errors.append(f"{message.topic()}: {err}")
 
     # -- commit ------------------------------------------------------------------------------
+
+    def barrier(self) -> None:
+        """At least once: everything produced so far is delivered (else ``TransactionAborted``),
+        so what is produced next may describe it. Exactly once: nothing to do, the
+        transaction makes it all visible at once."""
+        if self.eos:
+            return
+        remaining = self.producer.flush(self.retry_sec)
+        if remaining or self._delivery_errors:
+            errors, self._delivery_errors = self._delivery_errors[:3], []
+            log.warning("outputs not delivered (%d left; %s)", remaining, errors)
+            self.metrics.on_transaction("abort")
+            raise TransactionAborted("outputs were not delivered")
 
     def commit(self, offsets: list[TopicPartition], consumer: ConsumerLike) -> None:
         """Commit everything produced since the last commit together with ``offsets``."""
@@ -136,12 +154,7 @@ class Checkpoint:
             )
             self._begin()
         else:
-            remaining = self.producer.flush(self.retry_sec)
-            if remaining or self._delivery_errors:
-                errors, self._delivery_errors = self._delivery_errors[:3], []
-                log.warning("outputs not delivered (%d left; %s)", remaining, errors)
-                self.metrics.on_transaction("abort")
-                raise TransactionAborted("outputs were not delivered")
+            self.barrier()
             if offsets:
                 try:
                     consumer.commit(offsets=offsets, asynchronous=False)

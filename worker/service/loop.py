@@ -47,7 +47,14 @@ from typing import Any, Protocol
 import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicPartition
 
-from schemas import AudioChunk, PartitionCheckpoint, RecordCodec, StreamProgress, TranscriptEvent
+from schemas import (
+    AudioChunk,
+    EventKind,
+    PartitionCheckpoint,
+    RecordCodec,
+    StreamProgress,
+    TranscriptEvent,
+)
 from schemas import DeadLetter as DeadLetterRecord
 from worker.audio import TARGET_SAMPLE_RATE, AudioDecoder
 from worker.config import DeliveryMode, GapPolicy, WorkerConfig
@@ -62,7 +69,12 @@ from worker.service.checkpoint import (
 )
 from worker.service.clients import KafkaClients
 from worker.service.events import ModelNames, Source, dead_letter, end_event, segment_event
-from worker.service.recovery import PartitionSnapshot, Recovery, progress_key
+from worker.service.recovery import (
+    PartitionSnapshot,
+    Recovery,
+    progress_key,
+    progress_partition,
+)
 from worker.service.streams import NO_END, OpenStream, PartitionStreams, Replay
 
 __all__ = ["Engine", "FatalWorkerError", "ModelNames", "Worker"]
@@ -70,6 +82,7 @@ __all__ = ["Engine", "FatalWorkerError", "ModelNames", "Worker"]
 log = logging.getLogger(__name__)
 
 _CONSUME_BATCH = 1000
+_QUIET_PROBE_SEC = 1.0  # how often a quiet partition's end is confirmed with the broker
 
 
 class Engine(Protocol):
@@ -143,6 +156,7 @@ class Worker:
         self._restarts = 0  # producer replacements since the last good commit
         self._last_checkpoint = clock()
         self._committed_positions: dict[int, int] = {}
+        self._progress_partitions = 1  # set by start() from the topic
         self.consumer = clients.consumer(self._consumer_conf())
         self.out = Checkpoint(
             clients,
@@ -205,6 +219,7 @@ class Worker:
 
     def start(self) -> None:
         """Open the first transaction and join the group."""
+        self._progress_partitions = self.recovery.progress_partitions(self.consumer)
         self.out.start()
         self.consumer.subscribe(
             [self.cfg.input_topic],
@@ -339,13 +354,13 @@ class Worker:
         if offset >= self.counted_until.get(partition, -1):
             self.metrics.on_record(partition)
             self.counted_until[partition] = offset + 1
-        timestamp = _timestamp_ms(message)
-        part.partition_time_ms = max(part.partition_time_ms, timestamp)
-        self._end_idle_calls(part, offset)
         verdict = inspect(message.key(), message.value(), self.chunks, self.limits)
         if isinstance(verdict, Rejected):
             self._reject(message, verdict)
             return
+        timestamp = _timestamp_ms(message)  # only a well-formed chunk moves the clock
+        part.partition_time_ms = max(part.partition_time_ms, timestamp)
+        self._end_idle_calls(part, offset)
         chunk = verdict
         stream = part.live.get(chunk.stream_id)
         placed = place(chunk, stream, self.limits)
@@ -472,6 +487,7 @@ class Worker:
         """The call takes no more records from ``end_at`` on; it finishes in the engine."""
         if self.by_key.get(stream.engine_key) is not stream:
             return  # it failed meanwhile and is gone
+        log.debug("call %s takes no record from offset %d on", stream.engine_key, end_at)
         if part.live.get(stream.stream_id) is stream:
             del part.live[stream.stream_id]
         part.finishing[stream.engine_key] = stream
@@ -522,14 +538,20 @@ class Worker:
 
     def _end_quiet_partitions(self) -> None:
         """A partition with no record at all for ``idle_timeout_sec`` ends its calls: no
-        record will ever move its event-time clock (the decision commits with its effects)."""
+        record will ever move its event-time clock (the decision commits with its effects).
+        The quiet must be seen with the broker reachable, asked every ``_QUIET_PROBE_SEC``:
+        callers whose audio waits in their producers during a broker outage are not gone."""
         now = self.clock()
         for p, part in self.parts.items():
             since = part.caught_up_since
-            if since is None or p in self.holds or now - since < self.cfg.idle_timeout_sec:
+            if since is None or p in self.holds or not part.live:
                 continue
-            if not part.live or not self._still_at_end(p):
-                part.caught_up_since = None  # unsure (the broker is unreachable?): wait again
+            if now >= part.next_quiet_probe:
+                part.next_quiet_probe = now + _QUIET_PROBE_SEC
+                if not self._still_at_end(p):
+                    part.caught_up_since = now  # not quiet, or unsure: count again from now
+                    continue
+            if now - since < self.cfg.idle_timeout_sec:
                 continue
             for stream in list(part.live.values()):
                 log.info("call %s: partition %d quiet, ending the call", stream.stream_id, p)
@@ -541,10 +563,11 @@ class Worker:
         tp = TopicPartition(self.cfg.input_topic, partition)
         try:
             _, high = self.consumer.get_watermark_offsets(tp, timeout=5)
+            (fetched,) = self.consumer.position([tp])
         except KafkaException as exc:
             log.info("partition %d looks quiet, but the broker says: %s", partition, exc)
             return False
-        return high <= self.positions.get(partition, 0)
+        return fetched.offset >= high  # the position counts transaction markers, too
 
     def _fail(self, stream: OpenStream, error: StreamError) -> None:
         """The engine gave up on a call (a model error): end it where it is."""
@@ -567,11 +590,7 @@ class Worker:
                 stream.replay = None
                 self._recovered(part)
         self.by_key.pop(stream.engine_key, None)
-        self.out.produce(
-            self.cfg.progress_topic,
-            progress_key(self.cfg.input_topic, stream.partition, stream.stream_id),
-            None,
-        )
+        self._produce_progress(stream.partition, (stream.first_offset, stream.stream_id), None)
         self.metrics.on_streams(len(self.by_key))
 
     # -- outputs -----------------------------------------------------------------------------
@@ -614,9 +633,12 @@ class Worker:
         replay = stream.replay
         if replay is not None:
             replay.made += 1
-            if replay.made < replay.events:
+            if replay.made < replay.events and event.kind != EventKind.STREAM_END:
                 return
-            if event.event_id != replay.last_event_id and replay.last_event_id is not None:
+            short = replay.made < replay.events  # the call ended before re-making them all
+            if short or (
+                replay.last_event_id is not None and event.event_id != replay.last_event_id
+            ):
                 log.error(
                     "call %s: the replay re-made %s as event %d, but %s was committed: output "
                     "is not a function of the input (events after it may repeat)",
@@ -630,7 +652,8 @@ class Worker:
             part = self.parts.get(stream.partition)
             if part is not None:
                 self._recovered(part)
-            return
+            if not short:
+                return
         stream.events_emitted += 1
         stream.last_event_id = event.event_id
         stream.dirty = True
@@ -679,11 +702,27 @@ class Worker:
     # -- checkpoint --------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Progress, partition markers and offsets, together (see the module docstring)."""
-        for p, part in self.parts.items():
+        """Outputs, then progress, then partition markers, then offsets (see the module
+        docstring): one transaction, or, at least once, each delivered before the next."""
+        self.out.barrier()
+        for part in self.parts.values():
             for stream in part.streams():
-                if stream.dirty and stream.replay is None:
-                    self._produce_progress(stream)
+                if stream.dirty:
+                    record = StreamProgress(
+                        stream_id=stream.stream_id,
+                        input_topic=self.cfg.input_topic,
+                        partition=stream.partition,
+                        first_offset=stream.first_offset,
+                        events_emitted=stream.events_emitted,
+                        segments=stream.segments,
+                        last_event_id=stream.last_event_id,
+                        end_at=stream.end_at if stream.end_at != NO_END else stream.resume_end_at,
+                    )
+                    call = (stream.first_offset, stream.stream_id)
+                    self._produce_progress(stream.partition, call, self.progress.encode(record))
+                    stream.dirty = False
+        self.out.barrier()
+        for p, part in self.parts.items():
             if p in self.positions:
                 marker = PartitionCheckpoint(
                     input_topic=self.cfg.input_topic,
@@ -692,11 +731,7 @@ class Worker:
                     partition_time_ms=part.partition_time_ms,
                     worker_id=self.instance,
                 )
-                self.out.produce(
-                    self.cfg.progress_topic,
-                    progress_key(self.cfg.input_topic, p),
-                    self.markers.encode(marker),
-                )
+                self._produce_progress(p, None, self.markers.encode(marker))
         offsets = [
             TopicPartition(self.cfg.input_topic, p, off)
             for p, off in self.positions.items()
@@ -708,23 +743,16 @@ class Worker:
         self._last_checkpoint = self.clock()
         self.metrics.on_positions(self.positions)
 
-    def _produce_progress(self, stream: OpenStream) -> None:
-        record = StreamProgress(
-            stream_id=stream.stream_id,
-            input_topic=self.cfg.input_topic,
-            partition=stream.partition,
-            first_offset=stream.first_offset,
-            events_emitted=stream.events_emitted,
-            segments=stream.segments,
-            last_event_id=stream.last_event_id,
-            end_at=stream.end_at,
-        )
+    def _produce_progress(
+        self, partition: int, call: tuple[int, str] | None, value: bytes | None
+    ) -> None:
+        """A progress record (a call's, or the partition marker: ``call`` None)."""
         self.out.produce(
             self.cfg.progress_topic,
-            progress_key(self.cfg.input_topic, stream.partition, stream.stream_id),
-            self.progress.encode(record),
+            progress_key(self.cfg.input_topic, partition, call),
+            value,
+            partition=progress_partition(partition, self._progress_partitions),
         )
-        stream.dirty = False
 
     # -- partitions ----------------------------------------------------------------------------
 
@@ -787,11 +815,7 @@ class Worker:
                     f"{snap.low_watermark} are past the input topic's retention: it is ended "
                     f"after {rec.events_emitted} events",
                 )
-                self.out.produce(
-                    self.cfg.progress_topic,
-                    progress_key(self.cfg.input_topic, snap.partition, rec.stream_id),
-                    None,
-                )
+                self._produce_progress(snap.partition, (rec.first_offset, rec.stream_id), None)
                 continue
             stream = OpenStream(
                 rec.stream_id,

@@ -2,10 +2,12 @@
 
 The progress topic holds, per open call, where it started and which events are committed, and
 per partition a ``PartitionCheckpoint`` marker written in the same transaction as the input
-offsets. Under ``read_committed`` a reader stops at the last stable offset: a transaction still
-open (a worker that was just killed, whose transaction has not timed out or been fenced) hides
-everything after it, while the committed offsets are already newer. So the snapshot is used
-only once each partition's marker equals its committed offset; until then it is read again.
+offsets. All progress of one input partition goes to one progress partition
+(``progress_partition``). Under ``read_committed`` a reader stops at the last stable offset: a
+transaction still open (a worker that was just killed, whose transaction has not timed out or
+been fenced) hides everything after it, marker included, while the committed offsets are
+already newer. So the snapshot is used only once each partition's marker equals its committed
+offset; until then it is read again.
 """
 
 from __future__ import annotations
@@ -46,10 +48,16 @@ class PartitionSnapshot:
         return min([self.committed, *(s.first_offset for s in self.streams)])
 
 
-def progress_key(input_topic: str, partition: int, stream_id: str | None = None) -> bytes:
-    """Key of a call's progress record, or (no ``stream_id``) of the partition's marker."""
+def progress_key(input_topic: str, partition: int, call: tuple[int, str] | None = None) -> bytes:
+    """Key of a call's progress record (``call``: its first offset and stream id; a reused
+    stream id is another call), or of the partition's marker."""
     base = f"{input_topic}/{partition}"
-    return (base if stream_id is None else f"{base}/{stream_id}").encode()
+    return (base if call is None else f"{base}/{call[0]}/{call[1]}").encode()
+
+
+def progress_partition(input_partition: int, progress_partitions: int) -> int:
+    """The progress partition that holds every progress record of an input partition."""
+    return input_partition % progress_partitions
 
 
 class Recovery:
@@ -121,8 +129,8 @@ class Recovery:
             marker = markers.get(p)
             done = committed[p]
             if marker is not None and self.cfg.delivery is DeliveryMode.AT_LEAST_ONCE:
-                # At least once, progress is flushed before the offsets commit; a failed offset
-                # commit leaves the marker ahead, and its outputs were delivered.
+                # At least once, a marker is sent only once the outputs and the progress it
+                # describes are delivered; a failed offset commit after it leaves it ahead.
                 done = max(done, marker.next_offset)
             low, _ = _watermarks(consumer, TopicPartition(self.cfg.input_topic, p))
             out[p] = PartitionSnapshot(
@@ -133,6 +141,26 @@ class Recovery:
                 streams=sorted(streams.get(p, []), key=lambda s: s.first_offset),
             )
         return out
+
+    def progress_partitions(self, consumer: ConsumerLike) -> int:
+        """How many partitions the progress topic has (it must exist)."""
+        topic = self.cfg.progress_topic
+        deadline = self.clock() + self.cfg.kafka_retry_sec
+        while True:
+            try:
+                meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
+                break
+            except KafkaException as exc:
+                if not exc.args[0].retriable() or self.clock() >= deadline:
+                    raise FatalWorkerError(f"cannot read the topic list: {exc}") from exc
+                self.health.beat()
+                self.sleep(_RETRY_SEC)
+        if meta is None or meta.error is not None or not meta.partitions:
+            raise FatalWorkerError(
+                f"progress topic {topic!r} is missing: create it (compacted) before starting "
+                "workers (python -m worker create-topics)"
+            )
+        return len(meta.partitions)
 
     def _committed(self, consumer: ConsumerLike, partitions: list[int]) -> dict[int, int]:
         tps = [TopicPartition(self.cfg.input_topic, p) for p in partitions]

@@ -79,6 +79,7 @@ class PartitionStreams:
     recovery_started: float = 0.0
     recovering: int = 0  # calls still re-making committed events
     caught_up_since: float | None = None  # clock time the consumer reached the partition's end
+    next_quiet_probe: float = 0.0  # when to ask the broker again whether it is still quiet
     counted_until: int = -1  # records below this were counted in the metrics already
 
     def streams(self) -> list[OpenStream]:
