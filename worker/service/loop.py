@@ -157,6 +157,7 @@ class Worker:
         self._last_checkpoint = clock()
         self._committed_positions: dict[int, int] = {}
         self._progress_partitions = 1  # set by start() from the topic
+        self._closed: list[tuple[int, tuple[int, str]]] = []  # calls over, not yet tombstoned
         self.consumer = clients.consumer(self._consumer_conf())
         self.out = Checkpoint(
             clients,
@@ -590,7 +591,7 @@ class Worker:
                 stream.replay = None
                 self._recovered(part)
         self.by_key.pop(stream.engine_key, None)
-        self._produce_progress(stream.partition, (stream.first_offset, stream.stream_id), None)
+        self._closed.append((stream.partition, (stream.first_offset, stream.stream_id)))
         self.metrics.on_streams(len(self.by_key))
 
     # -- outputs -----------------------------------------------------------------------------
@@ -702,8 +703,9 @@ class Worker:
     # -- checkpoint --------------------------------------------------------------------------
 
     def checkpoint(self) -> None:
-        """Outputs, then progress, then partition markers, then offsets (see the module
-        docstring): one transaction, or, at least once, each delivered before the next."""
+        """Outputs, then open calls' progress, then partition markers, then ended calls'
+        tombstones, then offsets (see the module docstring): one transaction, or, at least
+        once, each delivered before the next."""
         self.out.barrier()
         for part in self.parts.values():
             for stream in part.streams():
@@ -732,6 +734,13 @@ class Worker:
                     worker_id=self.instance,
                 )
                 self._produce_progress(p, None, self.markers.encode(marker))
+        # Ended calls are tombstoned after the markers: at least once, a marker that failed
+        # must not leave a call ended whose records it does not cover.
+        self.out.barrier()
+        for p, call in self._closed:
+            if p in self.parts:
+                self._produce_progress(p, call, None)
+        self._closed.clear()
         offsets = [
             TopicPartition(self.cfg.input_topic, p, off)
             for p, off in self.positions.items()
@@ -815,7 +824,7 @@ class Worker:
                     f"{snap.low_watermark} are past the input topic's retention: it is ended "
                     f"after {rec.events_emitted} events",
                 )
-                self._produce_progress(snap.partition, (rec.first_offset, rec.stream_id), None)
+                self._closed.append((snap.partition, (rec.first_offset, rec.stream_id)))
                 continue
             stream = OpenStream(
                 rec.stream_id,
@@ -873,6 +882,7 @@ class Worker:
             self.positions.pop(p, None)
             self._committed_positions.pop(p, None)
             self.resync.pop(p, None)
+            self._closed = [(q, call) for q, call in self._closed if q != p]
             if self.holds.pop(p, None) is not None:
                 self.consumer.resume([TopicPartition(self.cfg.input_topic, p)])
             if part is None:

@@ -133,6 +133,13 @@ class Recovery:
                 # describes are delivered; a failed offset commit after it leaves it ahead.
                 done = max(done, marker.next_offset)
             low, _ = _watermarks(consumer, TopicPartition(self.cfg.input_topic, p))
+            log.debug(
+                "partition %d: committed %d, marker %s, open calls %s",
+                p,
+                committed[p],
+                marker,
+                [(s.stream_id, s.first_offset, s.events_emitted) for s in streams.get(p, [])],
+            )
             out[p] = PartitionSnapshot(
                 partition=p,
                 committed=done,
