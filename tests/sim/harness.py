@@ -408,8 +408,11 @@ class Simulation:
         return self.result
 
     def quiescent(self) -> bool:
-        """Every input record handled and committed, and no call left open: every call of
-        every stream id (ids are reused) has ended, its end committed."""
+        """Every input record handled and committed, no call left open (every call of every
+        stream id, ids are reused, has ended and its end is committed), and no transaction
+        open (a killed worker's hides what was committed after it until it times out)."""
+        if any(started is not None for started in self.broker.open_transactions().values()):
+            return False
         last: dict[int, int] = {}
         for record in self.broker.all_records(INPUT):
             last[record.partition] = max(last.get(record.partition, -1), record.offset)
