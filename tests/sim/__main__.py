@@ -38,7 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     violations: list[str] = []
     started = time.monotonic()
     for n, seed in enumerate(range(args.first, args.first + args.seeds), 1):
-        found, faulted = run_seed(seed, factory, clips)
+        try:
+            found, faulted = run_seed(seed, factory, clips)
+        except Exception as exc:  # a harness or worker crash is a finding too: go on
+            violations.append(f"seed {seed}: crashed: {type(exc).__name__}: {exc}")
+            continue
         violations += found
         faults.update(faulted.faults)
         if n % 50 == 0 or n == args.seeds:

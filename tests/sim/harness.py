@@ -252,6 +252,10 @@ class Simulation:
             self.result.faults["fatal_exit"] += 1
             self._kill(sim_worker)
 
+    def _member(self, w: _SimWorker) -> bool:
+        """Whether the worker is in its group now (not evicted, not between generations)."""
+        return w.worker.consumer.memberid() in self.broker.assignments(self.cfg.group_id)
+
     def _live(self) -> list[_SimWorker]:
         return [w for w in self.workers if w.alive]
 
@@ -355,7 +359,7 @@ class Simulation:
             self._start_worker()
         elif kind == "rebalance":
             self.broker.rebalance(self.cfg.group_id)
-        elif kind == "lose" and target:
+        elif kind == "lose" and target and self._member(target):
             self.broker.lose(target.worker.consumer, notice_after=self.rng.uniform(0, 3))
         elif kind == "txn_abort" and target:
             self.broker.inject("commit_transaction", target.worker.out.producer, abortable())
