@@ -489,8 +489,7 @@ class Worker:
         if self.by_key.get(stream.engine_key) is not stream:
             return  # it failed meanwhile and is gone
         log.debug("call %s takes no record from offset %d on", stream.engine_key, end_at)
-        if part.live.get(stream.stream_id) is stream:
-            del part.live[stream.stream_id]
+        _vacate(part, stream)
         part.finishing[stream.engine_key] = stream
         stream.end_at = end_at
         stream.dirty = True
@@ -584,8 +583,7 @@ class Worker:
         """The call is over (finished or failed): tombstone its progress."""
         part = self.parts.get(stream.partition)
         if part is not None:
-            if part.live.get(stream.stream_id) is stream:
-                del part.live[stream.stream_id]
+            _vacate(part, stream)
             part.finishing.pop(stream.engine_key, None)
             if stream.replay is not None:
                 stream.replay = None
@@ -773,19 +771,33 @@ class Worker:
         if not ids:
             consumer.incremental_assign([])
             return
-        starts = self._prepare(ids)
+        try:
+            starts = self._prepare(ids)
+        except (TransactionAborted, FatalProducerError) as exc:
+            # The partitions are ours all the same: take them, and rebuild every owned one
+            # (these included) before the next record is handled.
+            log.warning("could not prepare partitions %s (%s): rebuilding", ids, exc)
+            for p in ids:
+                self.parts.setdefault(p, PartitionStreams(p))
+            if isinstance(exc, FatalProducerError):
+                self._replace_producer(exc)
+            self._need_rebuild = True
+            starts = {p: OFFSET_BEGINNING for p in ids}  # the rebuild seeks them
         consumer.incremental_assign(
             [TopicPartition(self.cfg.input_topic, p, starts[p]) for p in ids]
         )
 
     def _prepare(self, partitions: list[int]) -> dict[int, int]:
         """Load the open calls of ``partitions`` from their last checkpoint; start offsets."""
+        again = set(partitions) & set(self.parts)
+        if again:  # assigned twice without a revocation between: start them over
+            log.warning("partitions %s assigned again: rebuilding them", sorted(again))
+            self._release(again)
         snapshots = self.recovery.snapshot(self.consumer, partitions)
         starts: dict[int, int] = {}
         for p in partitions:
             snap = snapshots[p]
-            part = self._restore(snap)
-            self.parts[p] = part
+            self._restore(snap)
             starts[p] = snap.replay_from if snap.committed >= 0 else OFFSET_BEGINNING
             if snap.committed >= 0:
                 self.positions[p] = snap.committed
@@ -800,13 +812,21 @@ class Worker:
         self.metrics.on_streams(len(self.by_key))
         return starts
 
-    def _restore(self, snap: PartitionSnapshot) -> PartitionStreams:
-        part = PartitionStreams(snap.partition)
+    def _restore(self, snap: PartitionSnapshot) -> None:
+        """Own the partition again with its open calls; registered first, so that a failure
+        half way leaves nothing ``_release`` cannot find."""
+        part = self.parts[snap.partition] = PartitionStreams(snap.partition)
         part.replay_end = snap.committed
         part.partition_time_ms = snap.partition_time_ms
         part.idle_checked_sec = snap.partition_time_ms // 1000
         part.recovery_started = self.clock()
         for rec in list(snap.streams):
+            if rec.first_offset >= snap.committed:
+                # At least once, a call's progress can be delivered while the marker that
+                # covers its start was not: its records are all ahead, so it simply starts
+                # again (its events may repeat, which that mode allows).
+                snap.streams.remove(rec)
+                continue
             if rec.first_offset < snap.low_watermark:
                 log.error(
                     "call %s starts at offset %d, before the oldest record kept (%d): it "
@@ -834,6 +854,7 @@ class Worker:
                 last_event_id=rec.last_event_id,
                 segments=rec.segments,
                 end_at=rec.end_at,
+                last_time_ms=snap.partition_time_ms,  # until its replayed records say
                 dirty=False,
             )
             if rec.events_emitted:
@@ -843,10 +864,12 @@ class Worker:
                 stream.end_at = NO_END
                 stream.resume_end_at = rec.end_at
                 part.resumed_ends += 1
-            part.live[rec.stream_id] = stream
+            if rec.stream_id in part.live:  # a reused id: the earlier call ends first
+                part.waiting.setdefault(rec.stream_id, []).append(stream)
+            else:
+                part.live[rec.stream_id] = stream
             self.by_key[stream.engine_key] = stream
             self.engine.add_stream(stream.engine_key)
-        return part
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         self.metrics.on_rebalance("revoked")
@@ -961,6 +984,18 @@ class Worker:
         )
         self.metrics.on_overcommit()
         return True
+
+
+def _vacate(part: PartitionStreams, stream: OpenStream) -> None:
+    """The call no longer takes records; a rebuilt later call of its id, if any, does."""
+    if part.live.get(stream.stream_id) is not stream:
+        return
+    del part.live[stream.stream_id]
+    queue = part.waiting.get(stream.stream_id)
+    if queue:
+        part.live[stream.stream_id] = queue.pop(0)
+        if not queue:
+            del part.waiting[stream.stream_id]
 
 
 def _timestamp_ms(message: Any) -> int:

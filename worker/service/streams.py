@@ -72,6 +72,8 @@ class PartitionStreams:
     partition: int
     live: dict[str, OpenStream] = field(default_factory=dict)  # live calls by stream id
     finishing: dict[str, OpenStream] = field(default_factory=dict)  # ended calls by engine key
+    # Rebuilt calls whose stream id an earlier call still holds (it ends first), by id.
+    waiting: dict[str, list[OpenStream]] = field(default_factory=dict)
     replay_end: int = -1  # records below this offset were handled before: rebuild only
     partition_time_ms: int = 0  # largest record timestamp read
     idle_checked_sec: int = 0  # the partition-time second of the last idle check
@@ -83,5 +85,6 @@ class PartitionStreams:
     counted_until: int = -1  # records below this were counted in the metrics already
 
     def streams(self) -> list[OpenStream]:
-        """Every call the partition holds: live and finishing."""
-        return [*self.live.values(), *self.finishing.values()]
+        """Every call the partition holds: live, finishing and waiting."""
+        waiting = [stream for queue in self.waiting.values() for stream in queue]
+        return [*self.live.values(), *self.finishing.values(), *waiting]
