@@ -78,28 +78,33 @@ def cmd_run(args: argparse.Namespace) -> int:
     from worker.metrics import Health, HttpEndpoints, Metrics
     from worker.service.loop import FatalWorkerError, ModelNames, Worker
 
-    # Signals are taken from the start: a SIGTERM while the models load exits cleanly, too.
+    # Signals are taken by a thread of their own (sigwait), not by a Python handler: a handler
+    # only runs between bytecodes, so a main thread stuck inside librdkafka would never see
+    # SIGTERM. They are blocked here, before any other thread starts, so every thread
+    # inherits the block and the signal waits for that thread.
     worker: Worker | None = None
-    stop_requested = False
 
-    def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stop_requested
+    def take_signals() -> None:
+        signum = signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        if worker is None:
+            log.info("%s before serving: exiting", signal.Signals(signum).name)
+            os._exit(0)  # nothing is consumed or produced yet
         log.info(
             "%s: finishing the current step, checkpointing, leaving the group",
             signal.Signals(signum).name,
         )
-        stop_requested = True
-        if worker is not None:
-            worker.stop()
+        worker.stop()
         # A drain that hangs must not keep the pod past its grace period.
         timer = threading.Timer(
             config.shutdown_grace_sec, _give_up, args=(config.shutdown_grace_sec,)
         )
         timer.daemon = True
         timer.start()
+        signal.sigwait({signal.SIGTERM, signal.SIGINT})
+        _give_up(0)  # a second signal: now
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
+    threading.Thread(target=take_signals, name="signals", daemon=True).start()
 
     metrics = Metrics()
     health = Health(stale_after_sec=max(60.0, config.max_poll_interval_ms / 1000))
@@ -138,9 +143,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         health,
         device_memory=device_memory,
     )
-    if stop_requested:
-        log.info("stopped before serving")
-        return 0
+    health.beat()
+    threading.Thread(
+        target=_watch_loop, args=(health, config.stall_exit_sec), name="watchdog", daemon=True
+    ).start()
     try:
         worker.run()
     except FatalWorkerError as exc:
@@ -150,6 +156,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         if http is not None:
             http.stop()
     return 0
+
+
+def _watch_loop(health, stall_exit_sec: float) -> None:
+    """Exit when the loop stops turning (e.g. hung inside a Kafka call, librdkafka #5456):
+    the orchestrator restarts the worker, which fences its predecessor and rebuilds."""
+    while True:
+        time.sleep(min(5.0, stall_exit_sec / 4))
+        stalled = health.stalled_for()
+        if stalled > stall_exit_sec:
+            log.critical("the loop has not turned for %.0f s: exiting to be restarted", stalled)
+            os._exit(1)
 
 
 def _give_up(grace: float) -> None:

@@ -161,6 +161,20 @@ class WorkerConfig:
             "up (a backlog is read at engine speed, never failed)"
         ),
     )
+    max_clock_skew_sec: float = field(
+        default=300.0,
+        metadata=_help(
+            "a record stamped further than this ahead of the worker's clock does not move its "
+            "partition's event-time clock (a producer whose clock is wrong)"
+        ),
+    )
+    stall_exit_sec: float = field(
+        default=180.0,
+        metadata=_help(
+            "exit (code 1) when the loop has not turned for this long, e.g. hung inside a Kafka "
+            "call; the orchestrator restarts the worker, which fences its predecessor"
+        ),
+    )
     max_gap_fill_sec: float = field(
         default=10.0,
         metadata=_help("longest run of missing chunks filled with silence; past it, dead letter"),
@@ -229,6 +243,8 @@ class WorkerConfig:
             "duplicate_window": self.duplicate_window,
             "max_dead_letter_original_bytes": self.max_dead_letter_original_bytes,
             "kafka_retry_sec": self.kafka_retry_sec,
+            "max_clock_skew_sec": self.max_clock_skew_sec,
+            "stall_exit_sec": self.stall_exit_sec,
             "recovery_timeout_sec": self.recovery_timeout_sec,
             "transaction_interval_ms": self.transaction_interval_ms,
             "transaction_timeout_ms": self.transaction_timeout_ms,

@@ -220,6 +220,10 @@ class Health:
     def beat(self) -> None:
         self._beat = time.monotonic()
 
+    def stalled_for(self) -> float:
+        """Seconds since the loop last turned."""
+        return time.monotonic() - self._beat
+
     def alive(self) -> bool:
         return time.monotonic() - self._beat < self._stale_after
 

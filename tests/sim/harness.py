@@ -240,7 +240,7 @@ class Simulation:
             Health(stale_after_sec=1e9),
             clients=self.clients,
             clock=self.clock.now,
-            wall_ms=lambda: int(self.clock.now() * 1000),
+            wall_ms=lambda: int(1_700_000_000_000 + self.clock.now() * 1000),
             sleep=lambda seconds: self._sleep(sim_worker, seconds),
         )
         sim_worker = _SimWorker(name, worker)

@@ -206,6 +206,9 @@ def test_a_call_whose_start_is_past_retention_ends_with_a_dead_letter(engine_fac
     assert reasons.count("replay_unavailable") == 1
     # The call's chunks after that point are each rejected: it is no longer open.
     assert set(reasons) == {"replay_unavailable", "stream_not_open"}
-    kinds = [e.kind for e in result.events.get("long@0", [])]
+    # Its first record is gone from the topic, so the auditor cannot name its call: "long@?".
+    kinds = [
+        e.kind for call, events in result.events.items() if call.startswith("long@") for e in events
+    ]
     assert EventKind.STREAM_END not in kinds and len(kinds) >= 2
     assert partition < PARTITIONS

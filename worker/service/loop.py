@@ -220,7 +220,7 @@ class Worker:
 
     def start(self) -> None:
         """Open the first transaction and join the group."""
-        self._progress_partitions = self.recovery.progress_partitions(self.consumer)
+        self._progress_partitions = len(self.recovery.progress_partitions(self.consumer))
         self.out.start()
         self.consumer.subscribe(
             [self.cfg.input_topic],
@@ -339,7 +339,7 @@ class Worker:
             if part is not None and message.partition() not in self.holds:
                 self._caught_up(part)
             return
-        if error.fatal():
+        if error.fatal() or error.code() in (KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID):
             raise FatalWorkerError(f"consumer: {error}")
         log.warning("consumer error: %s", error)
 
@@ -359,10 +359,13 @@ class Worker:
         if isinstance(verdict, Rejected):
             self._reject(message, verdict)
             return
-        timestamp = _timestamp_ms(message)  # only a well-formed chunk moves the clock
-        part.partition_time_ms = max(part.partition_time_ms, timestamp)
-        self._end_idle_calls(part, offset)
         chunk = verdict
+        timestamp = _timestamp_ms(message)
+        if timestamp <= self.wall_ms() + self.cfg.max_clock_skew_sec * 1000:
+            # Only a well-formed chunk, stamped no further ahead than a clock can be wrong,
+            # moves the partition's clock.
+            part.partition_time_ms = max(part.partition_time_ms, timestamp)
+        self._end_idle_calls(part, offset, chunk.stream_id)
         stream = part.live.get(chunk.stream_id)
         placed = place(chunk, stream, self.limits)
         if isinstance(placed, Rejected):
@@ -506,15 +509,18 @@ class Worker:
                     self.engine.end_stream(key)
                     stream.end_pushed = True
 
-    def _end_idle_calls(self, part: PartitionStreams, offset: int) -> None:
+    def _end_idle_calls(self, part: PartitionStreams, offset: int, current: str) -> None:
         """Event time: end calls whose last record is ``idle_timeout_sec`` older than the
-        partition's newest, checked each time the partition clock enters a new second."""
+        partition's newest, checked each time the partition clock enters a new second. The
+        call of the record at hand (``current``) is not idle: it is speaking."""
         second = part.partition_time_ms // 1000
         if second <= part.idle_checked_sec:
             return
         part.idle_checked_sec = second
         idle_ms = self.cfg.idle_timeout_sec * 1000
         for stream in list(part.live.values()):
+            if stream.stream_id == current:
+                continue
             if part.partition_time_ms - stream.last_time_ms > idle_ms:
                 log.info("call %s idle on event time: ending it", stream.stream_id)
                 self._end(part, stream, end_at=offset)

@@ -132,7 +132,7 @@ class Recovery:
                 # At least once, a marker is sent only once the outputs and the progress it
                 # describes are delivered; a failed offset commit after it leaves it ahead.
                 done = max(done, marker.next_offset)
-            low, _ = _watermarks(consumer, TopicPartition(self.cfg.input_topic, p))
+            low, _ = self._watermarks(consumer, TopicPartition(self.cfg.input_topic, p))
             log.debug(
                 "partition %d: committed %d, marker %s, open calls %s",
                 p,
@@ -149,8 +149,21 @@ class Recovery:
             )
         return out
 
-    def progress_partitions(self, consumer: ConsumerLike) -> int:
-        """How many partitions the progress topic has (it must exist)."""
+    def _watermarks(self, consumer: ConsumerLike, tp: TopicPartition) -> tuple[int, int]:
+        """Low and high offsets, waiting out a restarting broker or a topic without a leader
+        yet (a topic created a moment ago) for up to ``kafka_retry_sec``."""
+        deadline = self.clock() + self.cfg.kafka_retry_sec
+        while True:
+            try:
+                return consumer.get_watermark_offsets(tp, timeout=10)
+            except KafkaException as exc:
+                if exc.args[0].fatal() or self.clock() >= deadline:
+                    raise FatalWorkerError(f"offsets of {tp.topic}[{tp.partition}]: {exc}") from exc
+                self.health.beat()
+                self.sleep(_RETRY_SEC)
+
+    def progress_partitions(self, consumer: ConsumerLike) -> list[int]:
+        """The progress topic's partitions (it must exist), waiting out a restarting broker."""
         topic = self.cfg.progress_topic
         deadline = self.clock() + self.cfg.kafka_retry_sec
         while True:
@@ -158,7 +171,7 @@ class Recovery:
                 meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
                 break
             except KafkaException as exc:
-                if not exc.args[0].retriable() or self.clock() >= deadline:
+                if exc.args[0].fatal() or self.clock() >= deadline:
                     raise FatalWorkerError(f"cannot read the topic list: {exc}") from exc
                 self.health.beat()
                 self.sleep(_RETRY_SEC)
@@ -167,7 +180,7 @@ class Recovery:
                 f"progress topic {topic!r} is missing: create it (compacted) before starting "
                 "workers (python -m worker create-topics)"
             )
-        return len(meta.partitions)
+        return sorted(meta.partitions)
 
     def _committed(self, consumer: ConsumerLike, partitions: list[int]) -> dict[int, int]:
         tps = [TopicPartition(self.cfg.input_topic, p) for p in partitions]
@@ -212,52 +225,39 @@ class Recovery:
         )
         latest: dict[bytes, bytes | None] = {}
         try:
-            meta = consumer.list_topics(topic, timeout=30).topics.get(topic)
-            if meta is None or meta.error is not None:
-                raise FatalWorkerError(
-                    f"progress topic {topic!r} is missing: create it (compacted) before "
-                    "starting workers (python -m worker create-topics)"
-                )
             tps = []
-            for pid in meta.partitions:
-                low, high = _watermarks(consumer, TopicPartition(topic, pid))
+            ends: dict[int, int] = {}  # read to the end as it is now: others keep writing
+            for pid in self.progress_partitions(consumer):
+                low, high = self._watermarks(consumer, TopicPartition(topic, pid))
                 if high > low:
                     tps.append(TopicPartition(topic, pid, low))
+                    ends[pid] = high
             if not tps:
                 return latest
             consumer.assign(tps)
-            remaining = {tp.partition for tp in tps}
-            idle_polls = 0
+            remaining = set(ends)
+            deadline = self.clock() + self.cfg.kafka_retry_sec
             while remaining:
                 msg = consumer.poll(1.0)
                 if msg is None:
-                    idle_polls += 1
-                    if idle_polls > 60:
-                        raise FatalWorkerError("timed out reading the progress topic")
+                    if self.clock() >= deadline:
+                        raise FatalWorkerError(
+                            f"the progress topic could not be read in {self.cfg.kafka_retry_sec} s"
+                        )
                     self.health.beat()
                     continue
-                idle_polls = 0
+                deadline = self.clock() + self.cfg.kafka_retry_sec  # it moves: wait on
                 if msg.error():
                     if msg.error().code() == KafkaError._PARTITION_EOF:
-                        remaining.discard(msg.partition())
+                        remaining.discard(msg.partition())  # the stable end, for now
                         continue
                     if msg.error().fatal():
                         raise FatalWorkerError(f"reading progress: {msg.error()}")
                     log.warning("reading progress: %s", msg.error())
                     continue
                 latest[msg.key()] = msg.value()
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    remaining.discard(msg.partition())
         finally:
             consumer.close()
         return latest
-
-
-def _watermarks(consumer: ConsumerLike, tp: TopicPartition, attempts: int = 20) -> tuple[int, int]:
-    """Low and high offsets; a topic created a moment ago may not have a leader yet."""
-    for attempt in range(attempts):
-        try:
-            return consumer.get_watermark_offsets(tp, timeout=30)
-        except KafkaException as exc:
-            if attempt == attempts - 1 or not exc.args[0].retriable():
-                raise
-            time.sleep(0.5)
-    raise AssertionError("unreachable")

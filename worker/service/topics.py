@@ -15,19 +15,16 @@ log = logging.getLogger(__name__)
 
 def topic_specs(config: WorkerConfig, partitions: int, replication: int) -> list[NewTopic]:
     """Input and output share the partition count; progress is compacted (one record per
-    open stream); the input keeps records long enough to replay the longest open stream, and
-    its timestamps are the broker's append times: the event-time clock of idle ends then
-    cannot be pushed ahead by a producer whose clock is wrong."""
+    open stream); the input keeps records long enough to replay the longest open stream. Its
+    timestamps stay the producers' (CreateTime): audio a producer held back during a broker
+    outage keeps the time it was captured, so the outage does not look like silence."""
     retention_ms = int((config.max_stream_sec + config.idle_timeout_sec) * 1000 * 2)
     return [
         NewTopic(
             config.input_topic,
             partitions,
             replication,
-            config={
-                "retention.ms": str(max(retention_ms, 24 * 3600 * 1000)),
-                "message.timestamp.type": "LogAppendTime",
-            },
+            config={"retention.ms": str(max(retention_ms, 24 * 3600 * 1000))},
         ),
         NewTopic(config.output_topic, partitions, replication),
         NewTopic(config.dead_letter_topic, 1, replication),
