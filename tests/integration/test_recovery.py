@@ -30,19 +30,15 @@ import numpy as np
 import pytest
 import torch
 from confluent_kafka import (
-    OFFSET_BEGINNING,
     Consumer,
-    IsolationLevel,
-    KafkaError,
     Producer,
-    TopicPartition,
 )
-from confluent_kafka.admin import AdminClient, OffsetSpec
 from prometheus_client.parser import text_string_to_metric_families
 
 from producer_tools.conversation import SAMPLE_RATE, default_conversations
 from producer_tools.stream import CallAudio, interleave, publish, to_chunks
 from schemas import AudioEncoding, RecordCodec, TranscriptEvent, WireFormat
+from tests.cluster import committed_output
 from tests.integration.test_worker import _config
 from worker.audio import AudioDecoder
 from worker.config import WorkerConfig, to_flags
@@ -335,7 +331,9 @@ def test_kill_and_rebalance_keep_output_exactly_once(
         assert len(kill.in_flight) >= MIN_IN_FLIGHT, f"{kill} did not land mid-call"
         assert kill.victim_streams > 0, f"{kill}: the victim held no stream"
         assert kill.rebuilt_by, f"{kill}: nothing was replayed"
-    events = _committed_output(config, deadline)
+    events = committed_output(
+        config.bootstrap_servers, config.output_topic, max(1.0, deadline - time.monotonic())
+    )
     ids = Counter(e.event_id for e in events)
     assert [i for i, n in ids.items() if n > 1] == [], "events committed more than once"
     ends = Counter(e.stream_id for e in events if e.kind == "STREAM_END")
@@ -414,54 +412,6 @@ def _await_rebuild(kill: Kill, workers: list[WorkerProcess], deadline: float) ->
             f"{_tails(workers)}"
         )
         time.sleep(0.5)
-
-
-def _committed_output(config: WorkerConfig, deadline: float) -> list[TranscriptEvent]:
-    """Every committed event of the output topic, read to the end once no transaction is open."""
-    topic = config.output_topic
-    admin = AdminClient({"bootstrap.servers": config.bootstrap_servers})
-    partitions = sorted(admin.list_topics(topic, timeout=10).topics[topic].partitions)
-    latest = admin.list_offsets(
-        {TopicPartition(topic, p): OffsetSpec.latest() for p in partitions},
-        isolation_level=IsolationLevel.READ_UNCOMMITTED,
-    )
-    ends = {tp.partition: future.result(timeout=30).offset for tp, future in latest.items()}
-    consumer = Consumer(
-        {
-            "bootstrap.servers": config.bootstrap_servers,
-            "group.id": f"audit-{uuid.uuid4().hex[:8]}",
-            "enable.auto.commit": False,
-            "enable.partition.eof": True,
-            "isolation.level": "read_committed",
-        }
-    )
-    assigned = [TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions]
-    consumer.assign(assigned)
-    codec = RecordCodec(TranscriptEvent, WireFormat.PLAIN)
-    events: list[TranscriptEvent] = []
-    at_end: set[int] = set()
-    try:
-        # A killed worker's open transaction holds the read_committed end back until the
-        # broker aborts it: read until the end is every partition's last offset.
-        while at_end != set(partitions):
-            assert time.monotonic() < deadline, f"output not read to {ends}, at {at_end}"
-            msg = consumer.poll(0.5)
-            if msg is None:
-                at_end |= {
-                    tp.partition
-                    for tp in consumer.position(assigned)
-                    if tp.offset >= ends[tp.partition]
-                }
-            elif msg.error():
-                if msg.error().code() != KafkaError._PARTITION_EOF:
-                    raise RuntimeError(f"reading {topic}: {msg.error()}")
-                if msg.offset() >= ends[msg.partition()]:
-                    at_end.add(msg.partition())
-            else:
-                events.append(codec.decode(msg.value()))
-    finally:
-        consumer.close()
-    return events
 
 
 def _direct_finals(models: LoadedModels, config: WorkerConfig, audio: np.ndarray) -> list[tuple]:

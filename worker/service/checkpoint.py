@@ -8,7 +8,8 @@ the offsets committed.
 
 Errors follow librdkafka's transactional rules:
 
-* retriable → the same call again, until ``retry_sec`` has passed (then: abortable);
+* retriable → the same call again, until ``retry_sec`` has passed (then: abortable); but
+  a retriable failure to send the offsets or commit replaces the producer (see ``commit``);
 * abortable (``txn_requires_abort``) → abort, begin anew, raise ``TransactionAborted``: the
   loop drops everything since the last checkpoint and rebuilds from it, committing nothing in
   that turn;
@@ -143,14 +144,21 @@ class Checkpoint:
         if self.eos:
             if offsets:
                 metadata = consumer.consumer_group_metadata()
+                # librdkafka can hang for good in a retried send_offsets_to_transaction once
+                # the coordinator comes back (confluent-kafka-python/librdkafka #5456, #5511):
+                # after a retriable failure the producer is replaced instead (init_transactions
+                # finishes or aborts what it left), and the loop rebuilds from what committed.
                 self._retrying(
                     "send_offsets_to_transaction",
                     lambda: self.producer.send_offsets_to_transaction(
                         offsets, metadata, _CALL_TIMEOUT_SEC
                     ),
+                    retry=False,
                 )
             self._retrying(
-                "commit_transaction", lambda: self.producer.commit_transaction(_CALL_TIMEOUT_SEC)
+                "commit_transaction",
+                lambda: self.producer.commit_transaction(_CALL_TIMEOUT_SEC),
+                retry=False,
             )
             self._begin()
         else:
@@ -186,10 +194,13 @@ class Checkpoint:
             error = exc.args[0]
             raise FatalProducerError(f"begin_transaction: {error}") from exc
 
-    def _retrying(self, what: str, call: Callable[[], None], abortable: bool = True) -> None:
+    def _retrying(
+        self, what: str, call: Callable[[], None], abortable: bool = True, retry: bool = True
+    ) -> None:
         """``call`` until it succeeds; retriable errors are retried for ``retry_sec``. Past
         that, or on another error: the rules above, or (not ``abortable``: starting or
-        aborting) the producer is unusable."""
+        aborting) the producer is unusable. ``retry`` False: a retriable error, too, makes
+        the producer unusable (see ``commit``)."""
         deadline = self.clock() + self.retry_sec
         while True:
             try:
@@ -197,6 +208,8 @@ class Checkpoint:
                 return
             except KafkaException as exc:
                 error = exc.args[0]
+                if error.retriable() and not error.fatal() and not retry:
+                    raise FatalProducerError(f"{what}: {error} (not retried)") from exc
                 if error.retriable() and not error.fatal() and self.clock() < deadline:
                     log.info("%s: %s; retrying", what, error)
                     self.health.beat()  # still turning: liveness reflects a hung call only
