@@ -70,6 +70,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = _load_config(args)
     if config is None:
         return 2
+    # Before anything starts a thread (torch and librdkafka do): every thread inherits the
+    # block, so SIGTERM waits for the signal thread below instead of killing the process.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     for line in describe(config):
         log.debug("setting %s", line)
 
@@ -103,7 +106,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         signal.sigwait({signal.SIGTERM, signal.SIGINT})
         _give_up(0)  # a second signal: now
 
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT})
     threading.Thread(target=take_signals, name="signals", daemon=True).start()
 
     metrics = Metrics()

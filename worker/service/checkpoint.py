@@ -10,9 +10,9 @@ Errors follow librdkafka's transactional rules:
 
 * retriable → the same call again, until ``retry_sec`` has passed (then: abortable); but
   a retriable failure to send the offsets or commit replaces the producer (see ``commit``);
-* abortable (``txn_requires_abort``) → abort, begin anew, raise ``TransactionAborted``: the
-  loop drops everything since the last checkpoint and rebuilds from it, committing nothing in
-  that turn;
+* abortable (``txn_requires_abort``) → abort (by replacing the producer, see ``abort``),
+  raise ``TransactionAborted``: the loop drops everything since the last checkpoint and
+  rebuilds from it, committing nothing in that turn;
 * fatal (e.g. fenced by a newer producer with our transactional id) → ``FatalProducerError``:
   this producer is unusable; the loop may replace it (``restart``) and rebuild, or stop.
 
@@ -36,6 +36,7 @@ from worker.service.clients import ConsumerLike, KafkaClients, ProducerLike
 log = logging.getLogger(__name__)
 
 _CALL_TIMEOUT_SEC = 10.0
+_RETIRED_KEPT = 4  # replaced producers kept alive (see ``_replace``)
 
 
 class FatalWorkerError(RuntimeError):
@@ -75,6 +76,7 @@ class Checkpoint:
         self.produced = 0  # records produced since the last commit
         self._delivery_errors: list[str] = []
         self.producer: ProducerLike = clients.producer(conf)
+        self._retired: list[ProducerLike] = []  # replaced producers, not yet destroyed
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -88,8 +90,14 @@ class Checkpoint:
 
     def restart(self) -> None:
         """Replace a producer that hit a fatal error; outputs since the last commit are void."""
-        log.warning("replacing the producer after a fatal error")
         self.metrics.on_producer_restart()
+        self._replace("after a fatal error")
+
+    def _replace(self, why: str) -> None:
+        log.warning("replacing the producer %s", why)
+        # The old one is kept a while rather than destroyed here: destroying a producer
+        # waits for its outstanding requests, which a dead broker may never answer.
+        self._retired = [*self._retired[-(_RETIRED_KEPT - 1) :], self.producer]
         self.producer = self.clients.producer(self.conf)
         self.produced = 0
         self._delivery_errors.clear()
@@ -180,10 +188,11 @@ class Checkpoint:
         self.metrics.on_transaction("abort")
         if not self.eos:
             return
-        self._retrying(
-            "abort_transaction", lambda: self.producer.abort_transaction(30), abortable=False
-        )
-        self._begin()
+        # A new producer, not abort_transaction: its init_transactions aborts the open
+        # transaction all the same (fencing this one), and a producer that came through an
+        # outage and an abort can hang for good in its next send_offsets_to_transaction
+        # (librdkafka 2.16, seen here: a condition wait with no deadline).
+        self._replace("after an aborted transaction")
 
     # -- error rules -------------------------------------------------------------------------
 
