@@ -27,20 +27,6 @@ from tests.sim.kafka import abortable
 
 
 @pytest.fixture(scope="module")
-def engine_factory(fp64_models):
-    """Engines on the tiny models, one torch thread (more only contend on a small machine)."""
-    import torch
-
-    from worker.engine.engine import StreamingEngine
-
-    config = sim_config()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lambda: StreamingEngine(fp64_models, config.engine)
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def clip() -> np.ndarray:
     from producer_tools.conversation import default_conversations
 

@@ -11,24 +11,10 @@ import os
 
 import pytest
 
-from tests.sim.harness import run_seed, sim_config
+from tests.sim.harness import run_seed
 
 SEEDS = int(os.environ.get("CALLSCRIBE_SIM_SEEDS", "300"))
 SEEDS_PER_TEST = 25
-
-
-@pytest.fixture(scope="module")
-def sim_engine(fp64_models):
-    """Engines on the tiny models, one torch thread (more only contend on a small machine)."""
-    import torch
-
-    from worker.engine.engine import StreamingEngine
-
-    config = sim_config()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield lambda: StreamingEngine(fp64_models, config.engine)
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +25,11 @@ def clips():
 
 
 @pytest.mark.parametrize("first", range(0, SEEDS, SEEDS_PER_TEST))
-def test_faulted_runs_commit_what_uninterrupted_runs_commit(first, sim_engine, clips) -> None:
+def test_faulted_runs_commit_what_uninterrupted_runs_commit(first, engine_factory, clips) -> None:
     violations: list[str] = []
     faults: dict[str, int] = {}
     for seed in range(first, min(first + SEEDS_PER_TEST, SEEDS)):
-        found, faulted = run_seed(seed, sim_engine, clips)
+        found, faulted = run_seed(seed, engine_factory, clips)
         violations += found
         for kind, n in faulted.faults.items():
             faults[kind] = faults.get(kind, 0) + n
