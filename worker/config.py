@@ -211,6 +211,18 @@ class WorkerConfig:
         default=5,
         metadata=_help("producers replaced after fatal errors without a commit between: then exit"),
     )
+    max_consumer_restarts: int = field(
+        default=5,
+        metadata=_help(
+            "consumers replaced after fatal errors (a static member fenced, e.g. by its own "
+            "rejoin after a broker restart) within consumer_restart_window_sec: then exit, as "
+            "another worker is probably running with the same instance_id"
+        ),
+    )
+    consumer_restart_window_sec: float = field(
+        default=600.0,
+        metadata=_help("the window max_consumer_restarts counts in"),
+    )
     recovery_timeout_sec: float = field(
         default=120.0,
         metadata=_help(
@@ -264,6 +276,15 @@ class WorkerConfig:
         if self.max_producer_restarts < 0:
             raise ConfigError(
                 f"max_producer_restarts must be 0 or more, got {self.max_producer_restarts}"
+            )
+        if self.max_consumer_restarts < 0:
+            raise ConfigError(
+                f"max_consumer_restarts must be 0 or more, got {self.max_consumer_restarts}"
+            )
+        if self.consumer_restart_window_sec <= 0:
+            raise ConfigError(
+                "consumer_restart_window_sec must be positive, got "
+                f"{self.consumer_restart_window_sec}"
             )
         per_call = self.max_stream_buffered_sec + self.max_gap_fill_sec + self.max_chunk_sec
         if per_call > self.engine.max_buffered_audio_sec:

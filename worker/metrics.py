@@ -114,6 +114,9 @@ class Metrics:
         self.producer_restarts = Counter(
             f"{p}producer_restarts_total", "Producers replaced after a fatal error", registry=r
         )
+        self.consumer_restarts = Counter(
+            f"{p}consumer_restarts_total", "Consumers replaced after a fatal error", registry=r
+        )
         self._stable_offsets: dict[str, int] = {}
 
     def on_record(self, partition: int) -> None:
@@ -185,6 +188,9 @@ class Metrics:
 
     def on_producer_restart(self) -> None:
         self.producer_restarts.inc()
+
+    def on_consumer_restart(self) -> None:
+        self.consumer_restarts.inc()
 
     def on_client_stats(self, stats_json: str) -> None:
         """librdkafka statistics (``stats_cb``): each partition's last stable offset."""

@@ -45,15 +45,6 @@ from worker.service.topics import create_topics
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.kafka,
-    # Known open failures (issue 7), kept runnable rather than hidden: exactly once, a worker's
-    # loop hangs inside librdkafka after the broker returns and the watchdog exits it; at least
-    # once, the static member is fenced by its own rejoin (FENCED_INSTANCE_ID) and exits.
-    # Neither loses or repeats output, but the workers do not stay up, which this test demands.
-    pytest.mark.skipif(
-        os.environ.get("CALLSCRIBE_BROKER_RESTART_TESTS") != "1",
-        reason="known to fail (workers exit instead of riding out the restart); "
-        "CALLSCRIBE_BROKER_RESTART_TESTS=1 runs it",
-    ),
 ]
 
 CALL_SECONDS = (40, 41, 42, 43)

@@ -3,9 +3,10 @@
 One seed fixes everything: the calls (lengths, which end by end-of-stream and which just stop),
 the input records (chunking, repeats a producer retry would make, a few bad records), the
 publishing schedule, and, in a faulted run, the faults: worker kills and replacements, graceful
-stops, forced rebalances, lost partitions, aborted/retried/fenced transactions, lost delivery,
-the broker down for a while. The real ``Worker`` and the real engine (tiny models) run against
-the in-memory broker of ``tests/sim/kafka.py`` on a simulated clock; nothing sleeps.
+stops, forced rebalances, lost partitions, fenced consumers, aborted/retried/fenced
+transactions, lost delivery, the broker down for a while. The real ``Worker`` and the real
+engine (tiny models) run against the in-memory broker of ``tests/sim/kafka.py`` on a simulated
+clock; nothing sleeps.
 
 The auditor compares a faulted run with an uninterrupted one on the same input: every call's
 committed events must be the same list (ids and content), no event id twice, exactly one
@@ -335,6 +336,7 @@ class Simulation:
                 "start",
                 "rebalance",
                 "lose",
+                "fence",
                 "txn_abort",
                 "txn_retry",
                 "txn_fatal",
@@ -361,6 +363,8 @@ class Simulation:
             self.broker.rebalance(self.cfg.group_id)
         elif kind == "lose" and target and self._member(target):
             self.broker.lose(target.worker.consumer, notice_after=self.rng.uniform(0, 3))
+        elif kind == "fence" and target and self._member(target):
+            self.broker.fence(target.worker.consumer)
         elif kind == "txn_abort" and target:
             self.broker.inject("commit_transaction", target.worker.out.producer, abortable())
         elif kind == "txn_retry" and target:

@@ -101,11 +101,14 @@ transaction stays open until it is aborted or times out.
 and, on the broker: ``rebalance(group)`` (a fresh, rng-shuffled assignment: partitions move
 through the usual revoke → assign steps), ``lose(consumer, notice_after=0.0)`` (evicted now,
 partitions reassigned; it gets ``on_lost`` at its first poll ``notice_after`` seconds on and
-fetches as a zombie until then), ``kill(consumer)`` (heartbeats stop: evicted after
-``session.timeout.ms`` unless it calls again), ``set_down(True/False)`` (while down, every
-call that needs the broker raises a retriable ``_TRANSPORT`` error, ``consume``/``poll`` return
-nothing, produced records wait in the producer's queue and ``flush`` returns their count;
-transaction timeouts still fire, and session timers restart when it comes back).
+fetches as a zombie until then), ``fence(consumer)`` (a static member fenced: evicted now;
+at its next poll ``on_lost`` and a fatal FENCED_INSTANCE_ID event, then every ``consume``
+returns that error again and ``commit``/``committed`` raise it), ``kill(consumer)``
+(heartbeats stop: evicted after ``session.timeout.ms`` unless it calls again),
+``set_down(True/False)`` (while down, every call that needs the broker raises a retriable
+``_TRANSPORT`` error, ``consume``/``poll`` return nothing, produced records wait in the
+producer's queue and ``flush`` returns their count; transaction timeouts still fire, and
+session timers restart when it comes back).
 
 Simplified, on purpose: one broker, no replication, leaders or metadata delays; no
 compaction; records are appended the moment they are sent, and never time out in a
@@ -389,7 +392,7 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Eviction:
-    reason: Literal["max_poll", "session", "lost"]
+    reason: Literal["max_poll", "session", "lost", "fenced"]
     notice_at: float
 
 
@@ -519,6 +522,16 @@ class SimBroker:
             raise ValueError("that consumer is not a group member")
         eviction = _Eviction("lost", self.clock.now() + notice_after)
         self._remove_member(group, consumer._member_id, eviction)
+
+    def fence(self, consumer: SimConsumer) -> None:
+        """A static member fenced (FENCED_INSTANCE_ID: its group.instance.id taken by another
+        instance, or by its own rejoin after a coordinator restart): evicted now; at its next
+        poll it gets ``on_lost`` and a fatal error event, and from then on it is unusable."""
+        self.tick()
+        group = self._groups.get(consumer._group_id)
+        if group is None or consumer._member_id not in group.members:
+            raise ValueError("that consumer is not a group member")
+        self._remove_member(group, consumer._member_id, _Eviction("fenced", self.clock.now()))
 
     def kill(self, consumer: SimConsumer) -> None:
         """The consumer's process died or froze: its heartbeats stop until it calls again."""
@@ -882,6 +895,7 @@ class SimConsumer:
         self._assignment: dict[TP, _Fetch] = {}
         self._paused: set[TP] = set()
         self._events: list[SimMessage] = []  # error events not yet returned
+        self._fatal: KafkaError | None = None  # fenced: every call fails with this
         self._in_callback = False
         self._callback_changed_assignment = False
         self._last_auto_commit = broker.clock.now()
@@ -931,6 +945,8 @@ class SimConsumer:
             member.last_poll = broker.clock.now()
         if broker.down:
             return []
+        if self._fatal is not None:
+            return [SimMessage(None, None, None, error=self._fatal)][:num_messages]
         fault = broker._take_fault("consume", self)
         if fault is not None:
             self._events.append(SimMessage(None, None, None, error=fault.error or transient()))
@@ -1109,6 +1125,7 @@ class SimConsumer:
         self, partitions: list[TopicPartition], timeout: float | None = None
     ) -> list[TopicPartition]:
         self._enter()
+        self._check_usable()
         broker = self._broker
         broker._check_up()
         fault = broker._take_fault("committed", self)
@@ -1153,6 +1170,7 @@ class SimConsumer:
     def _commit(
         self, message: SimMessage | None, offsets: list[TopicPartition] | None
     ) -> list[TopicPartition]:
+        self._check_usable()
         broker = self._broker
         broker._check_up()
         fault = broker._take_fault("commit", self)
@@ -1263,6 +1281,10 @@ class SimConsumer:
         if self._closed:
             raise RuntimeError("Consumer closed")
 
+    def _check_usable(self) -> None:
+        if self._fatal is not None:
+            raise KafkaException(self._fatal)
+
     def _enter(self) -> None:
         """Every call: the clock may have moved, and the call itself is a sign of life."""
         self._check_open()
@@ -1284,6 +1306,16 @@ class SimConsumer:
                 return  # a zombie: it does not know yet, and goes on fetching
             self._eviction = None
             self._member_id, self._generation = "", -1
+            if eviction.reason == "fenced":
+                self._fatal = fatal(
+                    KafkaError.FENCED_INSTANCE_ID,
+                    "Fatal consumer error: Broker: Static consumer fenced by other consumer "
+                    "with same group.instance.id",
+                )
+                self._events.append(SimMessage(None, None, None, error=self._fatal))
+                if self._assignment:
+                    self._rebalance_callback("lost", list(self._assignment))
+                return
             if eviction.reason == "max_poll":
                 error = KafkaError(
                     KafkaError._MAX_POLL_EXCEEDED,

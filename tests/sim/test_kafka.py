@@ -528,6 +528,33 @@ def test_a_lost_member_is_fenced_from_committing_offsets(broker: SimBroker) -> N
     assert a.consumer.consumer_group_metadata().generation > stale.generation
 
 
+def test_a_fenced_static_member_is_lost_and_unusable_from_then_on(broker: SimBroker) -> None:
+    log: list[tuple[str, str, list[int]]] = []
+    a, b = Member(broker, "A", log), Member(broker, "B", log)
+    for _ in range(2):
+        a.poll()
+        b.poll()
+    broker.fence(a.consumer)
+    b.poll()
+    assert b.owned() == [0, 1, 2, 3]
+
+    errors = [m.error() for m in a.consumer.consume(10, 0)]
+    assert [e.code() for e in errors] == [KafkaError.FENCED_INSTANCE_ID]
+    assert errors[0].fatal()
+    assert log[-1] == ("A", "lost", [0, 1])
+    again = a.consumer.consume(10, 0)  # no rejoin: the same fatal error, and nothing else
+    assert [m.error().code() for m in again] == [KafkaError.FENCED_INSTANCE_ID]
+    for call in (
+        lambda: a.consumer.commit(offsets=[TopicPartition("in", 0, 1)], asynchronous=False),
+        lambda: a.consumer.committed([TopicPartition("in", 0)], 1),
+    ):
+        with pytest.raises(KafkaException) as exc:
+            call()
+        assert exc.value.args[0].fatal()
+    a.consumer.close()
+    assert broker.assignments("g") == {b.consumer.memberid(): [("in", p) for p in range(4)]}
+
+
 def test_a_zombie_fetches_until_it_notices_it_was_lost(broker: SimBroker, clock: SimClock) -> None:
     log: list[tuple[str, str, list[int]]] = []
     a, b = Member(broker, "A", log), Member(broker, "B", log)

@@ -123,6 +123,63 @@ def test_a_worker_killed_with_its_transaction_open_is_replaced_exactly(
     assert replays > 0, "no call was rebuilt: the kill did not land mid-call"
 
 
+@pytest.mark.parametrize("delivery", ["exactly_once", "at_least_once"])
+def test_a_fenced_consumer_is_replaced_and_its_calls_rebuilt(
+    engine_factory, clip, delivery
+) -> None:
+    """Issue 7 (broker restart, at least once): librdkafka fences a static member whose own
+    rejoin came back under a new member id (FENCED_INSTANCE_ID, fatal); the worker used to
+    exit. Now it replaces its consumer and takes its partitions again from the checkpoint."""
+    calls = [
+        call_records(sid, clip[: (10 + 3 * i) * 16000], start=i)
+        for i, sid in enumerate(["a", "b", "c"])
+    ]
+    records = [r for call in calls for r in call] + late_calls(60, clip)
+    config = sim_config(delivery=delivery)
+    _, reference = _run(records, engine_factory, faults=False, config=config)
+
+    def mid_call(sim: Simulation) -> bool:
+        return len(sim.broker.committed_records("transcripts")) >= 3 and any(
+            w.worker.parts and sim._member(w) for w in sim._live()
+        )
+
+    def fence(sim: Simulation) -> None:
+        victim = next(w for w in sim._live() if w.worker.parts and sim._member(w))
+        sim.broker.fence(victim.worker.consumer)
+
+    script, fired = _when(mid_call, fence)
+    sim, faulted = _run(records, engine_factory, faults=False, config=config, script=script)
+    assert fired()
+    assert audit(0, reference, faulted, at_least_once=delivery == "at_least_once") == []
+    assert faulted.faults["fatal_exit"] == 0
+    worker = sim.workers[0].worker
+    assert worker.metrics.consumer_restarts._value.get() == 1
+    assert worker.metrics.replayed._value.get() > 0, "no call was rebuilt after the fence"
+
+
+def test_a_consumer_fenced_again_and_again_stops_the_worker(engine_factory, clip) -> None:
+    """Two workers with one instance id fence each other for ever: past
+    ``max_consumer_restarts`` in its window, the worker exits (its replacement goes on)."""
+    records = call_records("a", clip[: 30 * 16000]) + late_calls(60, clip)
+    config = sim_config(max_consumer_restarts=2)
+    _, reference = _run(records, engine_factory, faults=False, config=config)
+    fences = 0
+
+    def fence_the_first(sim: Simulation) -> None:
+        nonlocal fences
+        first = sim.workers[0]
+        if first.alive and sim._member(first):
+            fences += 1
+            sim.broker.fence(first.worker.consumer)
+
+    script = {tick: fence_the_first for tick in range(0, 40_000, 20)}
+    sim, faulted = _run(records, engine_factory, faults=False, config=config, script=script)
+    assert fences == 3
+    assert faulted.faults["fatal_exit"] == 1
+    assert sim.workers[0].worker.metrics.consumer_restarts._value.get() == 2
+    assert audit(0, reference, faulted) == []
+
+
 def test_a_held_partition_resumes_after_an_abort(engine_factory, clip) -> None:
     """Issue 7.4: a rebuild used to leave partitions paused for good. One slot, two calls on
     two partitions: the second waits (held), then an abort rebuilds while it waits."""

@@ -47,6 +47,10 @@ class FatalProducerError(FatalWorkerError):
     """The producer hit a fatal error (fenced, or its epoch is gone); a new one may go on."""
 
 
+class FatalConsumerError(FatalWorkerError):
+    """The consumer hit a fatal error (a static member fenced); a new one may go on."""
+
+
 class TransactionAborted(Exception):
     """Outputs since the last checkpoint are void: rebuild from it, commit nothing now."""
 
@@ -175,6 +179,8 @@ class Checkpoint:
                 try:
                     consumer.commit(offsets=offsets, asynchronous=False)
                 except KafkaException as exc:
+                    if exc.args[0].fatal():
+                        raise FatalConsumerError(f"offset commit: {exc.args[0]}") from exc
                     log.warning("offset commit failed (%s): rebuilding from the last one", exc)
                     self.metrics.on_transaction("abort")
                     raise TransactionAborted(str(exc)) from exc

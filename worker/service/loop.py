@@ -31,8 +31,8 @@ first record is gone is ended with a ``replay_unavailable`` dead letter.
 
 Failures: a bad record is a dead letter with a reason, never an exception out of the loop; an
 aborted transaction drops the turn and rebuilds every owned call from the last checkpoint; a
-fatal producer error replaces the producer (bounded); only a broken worker stops the loop,
-without committing.
+fatal producer error replaces the producer, a fatal consumer error (a static member fenced)
+the consumer, both bounded; only a broken worker stops the loop, without committing.
 """
 
 from __future__ import annotations
@@ -63,6 +63,7 @@ from worker.metrics import Health, Metrics
 from worker.service.admission import Limits, Placement, Rejected, chunk_seconds, inspect, place
 from worker.service.checkpoint import (
     Checkpoint,
+    FatalConsumerError,
     FatalProducerError,
     FatalWorkerError,
     TransactionAborted,
@@ -144,7 +145,7 @@ class Worker:
         self.dead = RecordCodec(DeadLetterRecord, wf, schema_id=config.schema_id_dead_letter)
         self.progress = RecordCodec(StreamProgress)
         self.markers = RecordCodec(PartitionCheckpoint)
-        clients = clients or KafkaClients()
+        self.clients = clients or KafkaClients()
         self.parts: dict[int, PartitionStreams] = {}
         self.by_key: dict[str, OpenStream] = {}  # every call held, by engine key
         self.positions: dict[int, int] = {}  # partition -> next offset to handle
@@ -154,13 +155,14 @@ class Worker:
         self._stopping = False
         self._need_rebuild = False
         self._restarts = 0  # producer replacements since the last good commit
+        self._consumer_restarts: list[float] = []  # when consumers were replaced (clock)
         self._last_checkpoint = clock()
         self._committed_positions: dict[int, int] = {}
         self._progress_partitions = 1  # set by start() from the topic
         self._closed: list[tuple[int, tuple[int, str]]] = []  # calls over, not yet tombstoned
-        self.consumer = clients.consumer(self._consumer_conf())
+        self.consumer = self.clients.consumer(self._consumer_conf())
         self.out = Checkpoint(
-            clients,
+            self.clients,
             self._producer_conf(),
             self.eos,
             metrics,
@@ -169,7 +171,7 @@ class Worker:
             sleep=sleep,
             clock=clock,
         )
-        self.recovery = Recovery(config, clients, health, clock=clock, sleep=sleep)
+        self.recovery = Recovery(config, self.clients, health, clock=clock, sleep=sleep)
 
     # -- clients ----------------------------------------------------------------------------
 
@@ -222,18 +224,21 @@ class Worker:
         """Open the first transaction and join the group."""
         self._progress_partitions = len(self.recovery.progress_partitions(self.consumer))
         self.out.start()
-        self.consumer.subscribe(
-            [self.cfg.input_topic],
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
+        self._subscribe()
         log.info(
             "worker %s consuming %s as group %s (%s)",
             self.instance,
             self.cfg.input_topic,
             self.cfg.group_id,
             self.cfg.delivery,
+        )
+
+    def _subscribe(self) -> None:
+        self.consumer.subscribe(
+            [self.cfg.input_topic],
+            on_assign=self._on_assign,
+            on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
 
     def close(self) -> None:
@@ -270,6 +275,8 @@ class Worker:
             self._need_rebuild = True
         except FatalProducerError as exc:
             self._replace_producer(exc)
+        except FatalConsumerError as exc:
+            self._replace_consumer(exc)
 
     def _consume(self) -> list[Any]:
         """What is fetched already, without waiting; else wait up to the poll timeout for the
@@ -289,7 +296,7 @@ class Worker:
             self.checkpoint()
         except TransactionAborted:
             self._need_rebuild = True
-        except FatalProducerError as exc:
+        except (FatalProducerError, FatalConsumerError) as exc:
             log.warning("could not checkpoint at shutdown: %s", exc)
             self._need_rebuild = True
 
@@ -303,6 +310,38 @@ class Worker:
         log.warning("%s: replacing the producer and rebuilding", exc)
         self.out.restart()
         self._need_rebuild = True
+
+    def _replace_consumer(self, exc: FatalConsumerError) -> None:
+        """Drop everything since the last checkpoint with the broken consumer, and join the
+        group with a new one: the partitions it is given are taken from their checkpoints.
+        librdkafka fences a static member whose own rejoin after a coordinator restart came
+        back under a new member id (FENCED_INSTANCE_ID); that is not another worker, so the
+        worker goes on. Fenced again and again, it probably is another one: exit."""
+        now = self.clock()
+        window = self.cfg.consumer_restart_window_sec
+        self._consumer_restarts = [t for t in self._consumer_restarts if now - t < window]
+        if len(self._consumer_restarts) >= self.cfg.max_consumer_restarts:
+            raise FatalWorkerError(
+                f"{exc}; the consumer was replaced {len(self._consumer_restarts)} times in "
+                f"{window:g} s: is another worker running with instance id {self.instance!r}?"
+            ) from exc
+        self._consumer_restarts.append(now)
+        self.metrics.on_consumer_restart()
+        log.warning("%s: replacing the consumer; partitions restart from the last checkpoint", exc)
+        if self.eos:
+            try:
+                self.out.abort()
+            except FatalProducerError as fatal:
+                self._replace_producer(fatal)
+        self.holds.clear()  # the broken consumer's pauses go with it
+        self._release(set(self.parts))
+        self._need_rebuild = False  # nothing is owned until the new consumer is assigned
+        broken, self.consumer = self.consumer, self.clients.consumer(self._consumer_conf())
+        try:
+            broken.close()  # its rebalance callbacks see a consumer that is not ours
+        except (KafkaException, RuntimeError) as error:
+            log.warning("closing the broken consumer: %s", error)
+        self._subscribe()
 
     # -- one record --------------------------------------------------------------------------
 
@@ -340,7 +379,7 @@ class Worker:
                 self._caught_up(part)
             return
         if error.fatal() or error.code() in (KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID):
-            raise FatalWorkerError(f"consumer: {error}")
+            raise FatalConsumerError(f"consumer: {error}")
         log.warning("consumer error: %s", error)
 
     def _handle(self, part: PartitionStreams, message: Any) -> None:
@@ -878,6 +917,9 @@ class Worker:
             self.engine.add_stream(stream.engine_key)
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            _let_go(consumer, partitions)
+            return
         self.metrics.on_rebalance("revoked")
         ids = {tp.partition for tp in partitions}
         log.info("revoked partitions %s: checkpointing and handing over", sorted(ids))
@@ -893,6 +935,9 @@ class Worker:
         consumer.incremental_unassign(partitions)
 
     def _on_lost(self, consumer: Any, partitions: list[TopicPartition]) -> None:
+        if consumer is not self.consumer:
+            _let_go(consumer, partitions)
+            return
         self.metrics.on_rebalance("lost")
         ids = {tp.partition for tp in partitions}
         log.warning("lost partitions %s: dropping them without committing", sorted(ids))
@@ -990,6 +1035,14 @@ class Worker:
         )
         self.metrics.on_overcommit()
         return True
+
+
+def _let_go(consumer: Any, partitions: list[TopicPartition]) -> None:
+    """A replaced consumer's revocation, as it closes: nothing of it is ours any more."""
+    try:
+        consumer.incremental_unassign(partitions)
+    except KafkaException as exc:  # a fenced consumer refuses even this
+        log.info("replaced consumer: %s", exc)
 
 
 def _vacate(part: PartitionStreams, stream: OpenStream) -> None:

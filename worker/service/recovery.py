@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from schemas import CodecError, PartitionCheckpoint, RecordCodec, StreamProgress
 from worker.config import DeliveryMode, WorkerConfig
 from worker.metrics import Health
-from worker.service.checkpoint import FatalWorkerError
+from worker.service.checkpoint import FatalConsumerError, FatalWorkerError
 from worker.service.clients import ConsumerLike, KafkaClients
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,10 @@ class Recovery:
             try:
                 committed = self._committed(consumer, partitions)
             except KafkaException as exc:
+                if exc.args[0].fatal():
+                    raise FatalConsumerError(f"reading committed offsets: {exc}") from exc
                 # Offsets still pending in another worker's open transaction: wait it out.
-                if exc.args[0].fatal() or self.clock() >= deadline:
+                if self.clock() >= deadline:
                     raise FatalWorkerError(f"reading committed offsets: {exc}") from exc
                 log.info("committed offsets not readable yet (%s): retrying", exc)
                 self.health.beat()
