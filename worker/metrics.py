@@ -13,7 +13,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 log = logging.getLogger(__name__)
@@ -117,7 +124,10 @@ class Metrics:
         self.consumer_restarts = Counter(
             f"{p}consumer_restarts_total", "Consumers replaced after a fatal error", registry=r
         )
+        # callscribe_process_start_time_seconds and friends: a restart shows as a new start time.
+        ProcessCollector(namespace="callscribe", registry=r)
         self._stable_offsets: dict[str, int] = {}
+        self._lag_partitions: set[str] = set()
 
     def on_record(self, partition: int) -> None:
         self.records.labels(partition=str(partition)).inc()
@@ -212,6 +222,12 @@ class Metrics:
             stable = self._stable_offsets.get(str(partition))
             if stable is not None:
                 self.lag.labels(partition=str(partition)).set(max(0, stable - position))
+        # A partition this worker no longer owns must not keep reporting its last lag: the
+        # new owner reports it, and alerts take the max over workers.
+        owned = {str(p) for p in positions}
+        for gone in self._lag_partitions - owned:
+            self.lag.remove(gone)
+        self._lag_partitions = owned & set(self._stable_offsets)
 
 
 class Health:
