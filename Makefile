@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format clean
+.PHONY: setup system-deps demo test lint format lock clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,10 @@ lint: setup
 format: setup
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The image's pinned runtime dependencies, from the environment the tests ran in.
+lock: setup
+	$(PY) deploy/lock_requirements.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
