@@ -1,6 +1,15 @@
 """The Avro contract of our topics: ``*.avsc`` beside this file, typed records and their codecs."""
 
-from schemas.codec import CodecError, RecordCodec, WireFormat, load_schema, parse_schema
+from schemas.codec import (
+    Codec,
+    CodecError,
+    RecordCodec,
+    RegistryUnavailable,
+    WireFormat,
+    load_schema,
+    make_codec,
+    parse_schema,
+)
 from schemas.records import (
     AudioChunk,
     AudioEncoding,
@@ -16,16 +25,19 @@ from schemas.records import (
 __all__ = [
     "AudioChunk",
     "AudioEncoding",
+    "Codec",
     "CodecError",
     "DeadLetter",
     "EventKind",
     "PartitionCheckpoint",
     "RecordCodec",
+    "RegistryUnavailable",
     "StreamProgress",
     "TranscriptEvent",
     "WireFormat",
     "Word",
     "load_schema",
+    "make_codec",
     "make_event_id",
     "parse_schema",
 ]

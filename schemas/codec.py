@@ -50,6 +50,10 @@ class CodecError(Exception):
         self.message = message
 
 
+class RegistryUnavailable(Exception):
+    """The Schema Registry could not be reached: not a fault of the record, never dead-lettered."""
+
+
 @cache
 def load_schema(name: str) -> dict[str, Any]:
     """The parsed current version of ``schemas/<name>.avsc`` (parsed once per process)."""
@@ -166,3 +170,32 @@ class RecordCodec(Generic[R]):
             return self.record_type.from_avro(raw)
         except (TypeError, ValueError, KeyError) as exc:
             raise CodecError("invalid_record", f"invalid {name}: {exc}") from exc
+
+
+class Codec(Protocol[R]):
+    """What the worker and the tools need of a codec, with or without a registry."""
+
+    def encode(self, record: R) -> bytes: ...
+
+    def decode(self, data: bytes | None) -> R: ...
+
+
+def make_codec(
+    record_type: type[R],
+    *,
+    topic: str,
+    wire_format: WireFormat = WireFormat.PLAIN,
+    registry_url: str = "",
+    schema_id: int = 1,
+) -> Codec[R]:
+    """The codec for ``record_type`` values on ``topic``.
+
+    With ``registry_url`` (``http(s)://…`` or ``mock://…``): confluent framing through the
+    Schema Registry client (``registry.py``), ids registered and looked up by subject. Without:
+    ``RecordCodec`` in ``wire_format``, with the fixed ``schema_id`` for hand framing.
+    """
+    if registry_url:
+        from schemas.registry import RegistryCodec, registry_client
+
+        return RegistryCodec(record_type, registry_client(registry_url), topic)
+    return RecordCodec(record_type, wire_format, schema_id=schema_id)

@@ -94,6 +94,15 @@ class WorkerConfig:
         default=2, metadata=_help("registry id of TranscriptEvent")
     )
     schema_id_dead_letter: int = field(default=3, metadata=_help("registry id of DeadLetter"))
+    schema_registry_url: str = field(
+        default="",
+        metadata=_help(
+            "Confluent Schema Registry (http(s)://host:port, or mock://name for tests): "
+            "schemas registered and looked up by subject <topic>-value, records in confluent "
+            "framing, readers resolve writer schemas by id; wire_format and schema_id_* are "
+            "then unused. Empty: no registry"
+        ),
+    )
     diarizer_model: str = field(
         default=DEFAULT_DIARIZER, metadata=_help("pretrained name or .nemo path")
     )
@@ -306,6 +315,13 @@ class WorkerConfig:
         if self.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
             raise ConfigError(
                 f"log_level must be DEBUG, INFO, WARNING or ERROR, got {self.log_level}"
+            )
+        if self.schema_registry_url and not self.schema_registry_url.startswith(
+            ("http://", "https://", "mock://")
+        ):
+            raise ConfigError(
+                "schema_registry_url must start with http://, https:// or mock://, got "
+                f"{self.schema_registry_url!r}"
             )
         topics = [self.input_topic, self.output_topic, self.dead_letter_topic, self.progress_topic]
         if len(set(topics)) != len(topics) or not all(topics):

@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from enum import StrEnum
 
-from schemas import AudioChunk, CodecError, RecordCodec
+from schemas import AudioChunk, Codec, CodecError
 from worker.audio import BYTES_PER_SAMPLE, AudioFormatError, check_format, parse_encoding
 from worker.service.streams import OpenStream
 
@@ -38,7 +38,7 @@ class Rejected:
 
 
 def inspect(
-    key: bytes | None, value: bytes | None, codec: RecordCodec[AudioChunk], limits: Limits
+    key: bytes | None, value: bytes | None, codec: Codec[AudioChunk], limits: Limits
 ) -> AudioChunk | Rejected:
     """The chunk in a record, or why the record is not one we can take."""
     if not key:

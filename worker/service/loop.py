@@ -49,11 +49,14 @@ from confluent_kafka import OFFSET_BEGINNING, KafkaError, KafkaException, TopicP
 
 from schemas import (
     AudioChunk,
+    Codec,
     EventKind,
     PartitionCheckpoint,
     RecordCodec,
+    RegistryUnavailable,
     StreamProgress,
     TranscriptEvent,
+    make_codec,
 )
 from schemas import DeadLetter as DeadLetterRecord
 from worker.audio import TARGET_SAMPLE_RATE, AudioDecoder
@@ -139,10 +142,21 @@ class Worker:
             max_chunk_sec=config.max_chunk_sec,
             max_gap_fill_sec=config.max_gap_fill_sec,
         )
-        wf = config.wire_format
-        self.chunks = RecordCodec(AudioChunk, wf, schema_id=config.schema_id_audio_chunk)
-        self.events = RecordCodec(TranscriptEvent, wf, schema_id=config.schema_id_transcript_event)
-        self.dead = RecordCodec(DeadLetterRecord, wf, schema_id=config.schema_id_dead_letter)
+
+        # The three topics others read follow the configured wire format or registry; the
+        # worker's own bookkeeping topics are always plain Avro.
+        def codec(record_type: type, topic: str, schema_id: int) -> Codec:
+            return make_codec(
+                record_type,
+                topic=topic,
+                wire_format=config.wire_format,
+                registry_url=config.schema_registry_url,
+                schema_id=schema_id,
+            )
+
+        self.chunks = codec(AudioChunk, config.input_topic, config.schema_id_audio_chunk)
+        self.events = codec(TranscriptEvent, config.output_topic, config.schema_id_transcript_event)
+        self.dead = codec(DeadLetterRecord, config.dead_letter_topic, config.schema_id_dead_letter)
         self.progress = RecordCodec(StreamProgress)
         self.markers = RecordCodec(PartitionCheckpoint)
         self.clients = clients or KafkaClients()
@@ -364,8 +378,8 @@ class Worker:
             del self.resync[partition]
         try:
             self._handle(part, message)
-        except (TransactionAborted, FatalWorkerError):
-            raise
+        except (TransactionAborted, FatalWorkerError, RegistryUnavailable):
+            raise  # a registry outage is no fault of the record: stop, do not dead-letter
         except Exception as exc:
             log.exception("record %d@%d could not be handled", partition, offset)
             if offset >= part.replay_end:
