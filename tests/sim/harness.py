@@ -364,7 +364,7 @@ class Simulation:
         elif kind == "lose" and target and self._member(target):
             self.broker.lose(target.worker.consumer, notice_after=self.rng.uniform(0, 3))
         elif kind == "fence" and target and self._member(target):
-            self.broker.fence(target.worker.consumer)
+            self.broker.fence(target.worker.consumer, lost_first=self.rng.random() < 0.5)
         elif kind == "txn_abort" and target:
             self.broker.inject("commit_transaction", target.worker.out.producer, abortable())
         elif kind == "txn_retry" and target:

@@ -101,9 +101,9 @@ transaction stays open until it is aborted or times out.
 and, on the broker: ``rebalance(group)`` (a fresh, rng-shuffled assignment: partitions move
 through the usual revoke → assign steps), ``lose(consumer, notice_after=0.0)`` (evicted now,
 partitions reassigned; it gets ``on_lost`` at its first poll ``notice_after`` seconds on and
-fetches as a zombie until then), ``fence(consumer)`` (a static member fenced: evicted now;
-at its next poll ``on_lost`` and a fatal FENCED_INSTANCE_ID event, then every ``consume``
-returns that error again and ``commit``/``committed`` raise it), ``kill(consumer)``
+fetches as a zombie until then), ``fence(consumer, lost_first=False)`` (a static member
+fenced: evicted now; at its next poll ``on_lost`` or not, then one ``_FATAL`` event, and it is
+dead from then on: see the method), ``kill(consumer)``
 (heartbeats stop: evicted after ``session.timeout.ms`` unless it calls again),
 ``set_down(True/False)`` (while down, every call that needs the broker raises a retriable
 ``_TRANSPORT`` error, ``consume``/``poll`` return nothing, produced records wait in the
@@ -394,6 +394,7 @@ class _Group:
 class _Eviction:
     reason: Literal["max_poll", "session", "lost", "fenced"]
     notice_at: float
+    lost_callback: bool = True  # "fenced": whether ``on_lost`` comes before the fatal error
 
 
 @dataclass
@@ -523,15 +524,20 @@ class SimBroker:
         eviction = _Eviction("lost", self.clock.now() + notice_after)
         self._remove_member(group, consumer._member_id, eviction)
 
-    def fence(self, consumer: SimConsumer) -> None:
+    def fence(self, consumer: SimConsumer, lost_first: bool = False) -> None:
         """A static member fenced (FENCED_INSTANCE_ID: its group.instance.id taken by another
-        instance, or by its own rejoin after a coordinator restart): evicted now; at its next
-        poll it gets ``on_lost`` and a fatal error event, and from then on it is unusable."""
+        instance, or by its own rejoin after a coordinator restart): evicted now. At its next
+        poll, as librdkafka does: with ``lost_first`` an ``on_lost`` (a heartbeat's
+        UNKNOWN_MEMBER_ID came first), else the assignment is dropped without a callback; then
+        one ``_FATAL`` event (its ``fatal()`` flag False, as confluent-kafka builds it), and
+        nothing ever after: it never rejoins, ``commit`` raises ``_FATAL``, ``close`` serves
+        no callbacks. ``committed`` still answers (OffsetFetch has no fatal check)."""
         self.tick()
         group = self._groups.get(consumer._group_id)
         if group is None or consumer._member_id not in group.members:
             raise ValueError("that consumer is not a group member")
-        self._remove_member(group, consumer._member_id, _Eviction("fenced", self.clock.now()))
+        eviction = _Eviction("fenced", self.clock.now(), lost_callback=lost_first)
+        self._remove_member(group, consumer._member_id, eviction)
 
     def kill(self, consumer: SimConsumer) -> None:
         """The consumer's process died or froze: its heartbeats stop until it calls again."""
@@ -895,7 +901,7 @@ class SimConsumer:
         self._assignment: dict[TP, _Fetch] = {}
         self._paused: set[TP] = set()
         self._events: list[SimMessage] = []  # error events not yet returned
-        self._fatal: KafkaError | None = None  # fenced: every call fails with this
+        self._fatal: KafkaError | None = None  # fenced: commits fail with this
         self._in_callback = False
         self._callback_changed_assignment = False
         self._last_auto_commit = broker.clock.now()
@@ -946,7 +952,9 @@ class SimConsumer:
         if broker.down:
             return []
         if self._fatal is not None:
-            return [SimMessage(None, None, None, error=self._fatal)][:num_messages]
+            out = self._events[:num_messages]  # the fatal event, if not taken yet
+            del self._events[:num_messages]
+            return out
         fault = broker._take_fault("consume", self)
         if fault is not None:
             self._events.append(SimMessage(None, None, None, error=fault.error or transient()))
@@ -1125,7 +1133,6 @@ class SimConsumer:
         self, partitions: list[TopicPartition], timeout: float | None = None
     ) -> list[TopicPartition]:
         self._enter()
-        self._check_usable()
         broker = self._broker
         broker._check_up()
         fault = broker._take_fault("committed", self)
@@ -1307,14 +1314,15 @@ class SimConsumer:
             self._eviction = None
             self._member_id, self._generation = "", -1
             if eviction.reason == "fenced":
-                self._fatal = fatal(
-                    KafkaError.FENCED_INSTANCE_ID,
-                    "Fatal consumer error: Broker: Static consumer fenced by other consumer "
-                    "with same group.instance.id",
+                self._fatal = KafkaError(
+                    KafkaError._FATAL,
+                    "Fatal error: Broker: Static consumer fenced by other consumer with same "
+                    "group.instance.id",
                 )
                 self._events.append(SimMessage(None, None, None, error=self._fatal))
-                if self._assignment:
+                if self._assignment and eviction.lost_callback:
                     self._rebalance_callback("lost", list(self._assignment))
+                self._assignment = {}  # librdkafka's unconditional unassign
                 return
             if eviction.reason == "max_poll":
                 error = KafkaError(

@@ -55,6 +55,12 @@ class TransactionAborted(Exception):
     """Outputs since the last checkpoint are void: rebuild from it, commit nothing now."""
 
 
+def consumer_fatal(error: KafkaError) -> bool:
+    """Whether a consumer error means the consumer is dead. confluent-kafka builds the error
+    of librdkafka's ``_FATAL`` event and of a fenced commit without the ``fatal()`` flag."""
+    return error.fatal() or error.code() in (KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID)
+
+
 class Checkpoint:
     """Owns the producer and its transaction. One thread (the loop's) uses it."""
 
@@ -179,7 +185,7 @@ class Checkpoint:
                 try:
                     consumer.commit(offsets=offsets, asynchronous=False)
                 except KafkaException as exc:
-                    if exc.args[0].fatal():
+                    if consumer_fatal(exc.args[0]):
                         raise FatalConsumerError(f"offset commit: {exc.args[0]}") from exc
                     log.warning("offset commit failed (%s): rebuilding from the last one", exc)
                     self.metrics.on_transaction("abort")

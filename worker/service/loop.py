@@ -70,6 +70,7 @@ from worker.service.checkpoint import (
     FatalProducerError,
     FatalWorkerError,
     TransactionAborted,
+    consumer_fatal,
 )
 from worker.service.clients import KafkaClients
 from worker.service.events import ModelNames, Source, dead_letter, end_event, segment_event
@@ -296,10 +297,17 @@ class Worker:
         """What is fetched already, without waiting; else wait up to the poll timeout for the
         first record and take what came with it (``consume(n, t)`` would wait out ``t``)."""
         messages = self.consumer.consume(_CONSUME_BATCH, 0)
-        if messages or self.engine.ready_streams():
-            return messages
-        first = self.consumer.consume(1, self.cfg.poll_timeout_ms / 1000)
-        return first + self.consumer.consume(_CONSUME_BATCH - 1, 0) if first else first
+        if not messages and not self.engine.ready_streams():
+            messages = self.consumer.consume(1, self.cfg.poll_timeout_ms / 1000)
+            if messages:
+                messages += self.consumer.consume(_CONSUME_BATCH - 1, 0)
+        # librdkafka delivers a fatal error once, maybe behind a rebalance in the same poll
+        # that makes this turn return early: act on it before anything else.
+        for message in messages:
+            error = message.error()
+            if error is not None and consumer_fatal(error):
+                raise FatalConsumerError(f"consumer: {error}")
+        return messages
 
     def _drain(self) -> None:
         """Shutdown, after the step in flight: checkpoint what is consistent. Audio still
@@ -340,8 +348,6 @@ class Worker:
                 f"{window:g} s: is another worker running with instance id {self.instance!r}?"
             ) from exc
         self._consumer_restarts.append(now)
-        self.metrics.on_consumer_restart()
-        log.warning("%s: replacing the consumer; partitions restart from the last checkpoint", exc)
         if self.eos:
             try:
                 self.out.abort()
@@ -350,6 +356,11 @@ class Worker:
         self.holds.clear()  # the broken consumer's pauses go with it
         self._release(set(self.parts))
         self._need_rebuild = False  # nothing is owned until the new consumer is assigned
+        if self._stopping:
+            log.warning("%s: stopping, with nothing owned", exc)
+            return  # a new static member would only hold partitions idle until its session ends
+        self.metrics.on_consumer_restart()
+        log.warning("%s: replacing the consumer; partitions restart from the last checkpoint", exc)
         broken, self.consumer = self.consumer, self.clients.consumer(self._consumer_conf())
         try:
             broken.close()  # its rebalance callbacks see a consumer that is not ours
@@ -392,8 +403,6 @@ class Worker:
             if part is not None and message.partition() not in self.holds:
                 self._caught_up(part)
             return
-        if error.fatal() or error.code() in (KafkaError._FATAL, KafkaError.FENCED_INSTANCE_ID):
-            raise FatalConsumerError(f"consumer: {error}")
         log.warning("consumer error: %s", error)
 
     def _handle(self, part: PartitionStreams, message: Any) -> None:

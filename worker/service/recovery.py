@@ -22,7 +22,7 @@ from confluent_kafka import KafkaError, KafkaException, TopicPartition
 from schemas import CodecError, PartitionCheckpoint, RecordCodec, StreamProgress
 from worker.config import DeliveryMode, WorkerConfig
 from worker.metrics import Health
-from worker.service.checkpoint import FatalConsumerError, FatalWorkerError
+from worker.service.checkpoint import FatalConsumerError, FatalWorkerError, consumer_fatal
 from worker.service.clients import ConsumerLike, KafkaClients
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,7 @@ class Recovery:
             try:
                 committed = self._committed(consumer, partitions)
             except KafkaException as exc:
-                if exc.args[0].fatal():
+                if consumer_fatal(exc.args[0]):
                     raise FatalConsumerError(f"reading committed offsets: {exc}") from exc
                 # Offsets still pending in another worker's open transaction: wait it out.
                 if self.clock() >= deadline:
