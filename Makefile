@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format clean
+.PHONY: setup system-deps demo test lint format clean bench-engine bench-loop
 
 setup: $(STAMP)
 
@@ -28,6 +28,14 @@ demo: setup system-deps
 test: setup system-deps
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# Benchmarks (bench/, not shipped): small runs that fit a shared 2-core machine; see BENCHMARKS.md.
+BENCH_ENGINE_ARGS ?= --size tiny --threads 1 --calls 1,4
+bench-engine: setup
+	nice -n 5 $(PY) -m bench engine $(BENCH_ENGINE_ARGS)
+
+bench-loop: setup
+	nice -n 5 $(PY) -m bench loop --streams 50 --records 5000 --latency-sec 5
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""Benchmark of the streaming engine: ``python -m worker.bench`` (a benchmark, not a test).
+"""Benchmark of the streaming engine: ``python -m bench engine`` (a benchmark, not a test).
 
 What it measures, for each model size (random weights in the real classes and shapes, see
 ``worker.engine.models``) on the current device (CUDA when present, else CPU):
@@ -55,8 +55,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import math
-import os
-import platform
 import resource
 import shlex
 import sys
@@ -68,6 +66,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.report import append_markdown, header_lines, load_1m, load_line, table
 from worker.engine.config import EngineConfig
 from worker.engine.engine import StreamingEngine
 from worker.engine.models import LoadedModels, build_random_models, load_models
@@ -462,7 +461,7 @@ def run_benchmark(
     results = []
     for n in sorted(set(calls)):
         # Each N's two runs back to back, so that both meet the same load on a shared machine.
-        load = _load_1m()
+        load = load_1m()
         progress(f"  {n} calls one at a time (load {load:.1f})")
         one_by_one = []
         for i, audio in enumerate(all_calls[:n]):
@@ -560,17 +559,6 @@ def _device_name(device: torch.device) -> str:
 # Reporting
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    cells = [list(header), *[list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-
-    def line(row: Sequence[str]) -> str:
-        return "| " + " | ".join(c.rjust(w) for c, w in zip(row, widths, strict=True)) + " |"
-
-    rule = "|" + "|".join("-" * (w + 1) + ":" for w in widths) + "|"
-    return "\n".join([line(cells[0]), rule, *(line(r) for r in cells[1:])])
-
-
 def _pct(part: float, fraction: float) -> str:
     return f"{part * 1e3:.0f} ({fraction * 100:.0f}%)"
 
@@ -640,11 +628,11 @@ def format_report(report: BenchReport) -> str:
         *(["peak GPU GiB"] if cuda else []),
         "load",
     ]
-    lines += [_table(header, rows), ""]
+    lines += [table(header, rows), ""]
     split = [_split_row(f"{r.calls} batched", r.batched) for r in report.results]
     split += [_split_row(f"{r.calls} one at a time", r.sequential) for r in report.results]
     header = ["run", "step ms", "diarizer ms (%)", "ASR ms (%)", "overhead ms (%)", "features ms"]
-    lines += [_table(header, split), ""]
+    lines += [table(header, split), ""]
     best = report.max_realtime_calls
     if best is None:
         top = max(report.results, key=lambda r: r.per_call_rtf)
@@ -683,7 +671,7 @@ def format_report(report: BenchReport) -> str:
             f"caches are full by then) and of the last {g.window}; state: the largest per "
             "stream in the first and in the second half of the calls.",
             "",
-            _table(
+            table(
                 [
                     "",
                     "step ms",
@@ -697,42 +685,6 @@ def format_report(report: BenchReport) -> str:
             ),
         ]
     return "\n".join(lines)
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical CPUs"
-
-
-def _versions() -> str:
-    try:
-        import nemo
-
-        nemo_version = nemo.__version__
-    except Exception:  # a version string is all we want
-        nemo_version = "?"
-    return f"torch {torch.__version__}, nemo {nemo_version}, python {platform.python_version()}"
-
-
-def _load_1m() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return float("nan")
-
-
-def _load() -> str:
-    try:
-        return " ".join(f"{x:.2f}" for x in os.getloadavg())
-    except OSError:
-        return "?"
 
 
 # --------------------------------------------------------------------------------------------
@@ -766,7 +718,7 @@ def _steps(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.bench",
+        prog="python -m bench engine",
         description=(
             "Benchmark the streaming engine on random-weight models: throughput with N "
             "concurrent calls batched and one at a time, per-call real-time factor, the "
@@ -876,7 +828,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    load_before = _load()
+    load_before = load_line()
     started = dt.datetime.now(dt.UTC)
     reports = []
     for size in sizes:
@@ -888,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"[{size}] loaded in {load_sec:.0f} s on {models.device}")
         steps = DEFAULT_STEPS[size] if args.steps is None else (args.steps or None)
         growth = DEFAULT_GROWTH_SEC[size] if args.growth_sec is None else args.growth_sec
-        report = run_benchmark(
+        measured = run_benchmark(
             models,
             args.calls,
             steps,
@@ -900,26 +852,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             load_sec=load_sec,
             progress=progress,
         )
-        reports.append(report)
-        print(format_report(report), end="\n\n", flush=True)
+        reports.append(measured)
+        print(format_report(measured), end="\n\n", flush=True)
         del models
 
     device = reports[0].device
     kind = "CUDA" if device.startswith("cuda") else "CPU"
+    command = f"python -m bench engine {shlex.join(sys.argv[1:] if argv is None else argv)}"
     header = [
-        f"## Streaming engine ({kind}) — {started:%Y-%m-%d %H:%M} UTC",
-        "",
-        f"- Machine: {_machine()}; device {device}, {reports[0].threads} torch threads.",
-        f"- Versions: {_versions()}.",
-        f"- Load average (1/5/15 min): {load_before} at the start, {_load()} at the end.",
-        f"- Command: `python -m worker.bench {shlex.join(sys.argv[1:] if argv is None else argv)}`",
-        "",
+        f"- Device {device}, {reports[0].threads} torch threads.",
+        *header_lines(command, load_before),
     ]
-    print("\n".join(header[2:-1]))
+    print("\n".join(header))
     if args.markdown is not None:
+        title = f"## Streaming engine ({kind}) — {started:%Y-%m-%d %H:%M} UTC"
         body = "\n\n".join(format_report(r) for r in reports)
-        with args.markdown.open("a", encoding="utf-8") as out:
-            out.write("\n" + "\n".join(header) + "\n" + body + "\n")
+        append_markdown(args.markdown, "\n".join([title, "", *header, "", body]))
         progress(f"appended to {args.markdown}")
     return 0
 

@@ -1,4 +1,4 @@
-"""worker.bench: a smoke run on the tiny models gives a report with sane numbers.
+"""bench.engine: a smoke run on the tiny models gives a report with sane numbers.
 
 The tiny pair comes from the default model cache (``tiny_models``), like the benchmark's. The
 calls are two-tone "voices" rather than espeak-ng conversations and torch uses one thread, to
@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from worker.bench import (
+from bench.engine import (
     BenchReport,
     build_parser,
     format_report,
