@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system-deps demo test lint format lock clean
+.PHONY: setup system-deps demo test lint format lock clean bench-engine bench-loop gpu-kit gpu-kit-verify
 
 setup: $(STAMP)
 
@@ -28,6 +28,23 @@ demo: setup system-deps
 test: setup system-deps
 	@$(PY) -m pytest; rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing" >&2; exit 1; fi; exit $$rc
+
+# Benchmarks (bench/, not shipped): small runs that fit a shared 2-core machine; see BENCHMARKS.md.
+BENCH_ENGINE_ARGS ?= --size tiny --threads 1 --calls 1,4
+bench-engine: setup
+	nice -n 5 $(PY) -m bench engine $(BENCH_ENGINE_ARGS)
+
+bench-loop: setup
+	nice -n 5 $(PY) -m bench loop --streams 50 --records 5000 --latency-sec 5
+
+# GPU kit (ignored folder gpu-kit/): wheels a CUDA PyTorch image lacks to run the engine, for
+# Python 3.11 and 3.12, plus pre-rendered call audio; bench/gpu.sh installs and runs it offline.
+gpu-kit: setup system-deps
+	PY=$(PY) bench/make_gpu_kit.sh
+
+# The kit's list is complete: a clean venv with only the baseline imports and steps the engine.
+gpu-kit-verify: gpu-kit
+	PY=$(PY) nice -n 5 bench/verify_gpu_kit.sh
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,7 @@
-"""``python -m worker run | create-topics | demo | bench``."""
+"""``python -m worker run | create-topics | demo``.
+
+The benchmarks are not part of the shipped package: ``python -m bench`` from a checkout.
+"""
 
 from __future__ import annotations
 
@@ -193,18 +196,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep_broker=args.keep_broker, calls=args.calls)
 
 
-def cmd_bench(rest: list[str]) -> int:
-    from worker import bench
-
-    return bench.main(rest)
-
-
 def main(argv: list[str] | None = None) -> int:
     from worker.config import build_parser
 
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:
-        return cmd_bench(argv[1:])
     parser = argparse.ArgumentParser(
         prog="python -m worker",
         description="Kafka worker for live, speaker-attributed speech-to-text.",
@@ -234,7 +229,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     demo.add_argument("--calls", type=int, default=1, help="conversations to stream at once")
     demo.add_argument("--keep-broker", action="store_true", help="leave the local broker running")
-    sub.add_parser("bench", help="engine benchmark (python -m worker bench --help)")
     args = parser.parse_args(argv)
     if args.command == "run":
         return cmd_run(args)

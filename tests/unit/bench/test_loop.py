@@ -1,11 +1,11 @@
-"""The loop benchmark (``worker.bench_loop``) on a tiny input: its pass-through engine, its
+"""The loop benchmark (``bench.loop``) on a tiny input: its pass-through engine, its
 count of what came out, and its report."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from worker.bench_loop import (
+from bench.loop import (
     MODES,
     PCM_20MS,
     SECTION_TITLE,
@@ -56,7 +56,7 @@ def test_every_record_comes_out_once_in_both_modes(kafka_bootstrap, tmp_path) ->
 
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\n## Engine\n\nsomeone else's section\n")
-    append_markdown(report, markdown_section("python -m worker.bench_loop", results, []))
+    append_markdown(report, markdown_section("python -m bench loop", results, []))
     text = report.read_text()
     assert text.startswith("# Benchmarks\n\n## Engine\n\nsomeone else's section\n\n## ")
     assert SECTION_TITLE in text and text.count("| PCM s16le 16 kHz, 20 ms |") == 2

@@ -1,4 +1,4 @@
-"""The Kafka loop's own cost, engine replaced by a pass-through: ``python -m worker.bench_loop``.
+"""The Kafka loop's own cost, engine replaced by a pass-through: ``python -m bench loop``.
 
 A benchmark, not a test. ``PassThroughEngine`` emits one segment update per pushed chunk, so
 every input record becomes one transcript event and what is left to measure is the loop:
@@ -37,7 +37,6 @@ import logging
 import math
 import multiprocessing as mp
 import os
-import platform
 import pstats
 import subprocess
 import sys
@@ -56,6 +55,7 @@ import numpy as np
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
+from bench.report import append_markdown, load_1m, machine, versions, write_json
 from schemas import AudioChunk, AudioEncoding, RecordCodec, TranscriptEvent
 from worker.audio import encode_pcm
 from worker.engine.transcript import SegmentUpdate
@@ -563,7 +563,7 @@ def run_throughput(
     watch = _Watch(records)
     profile = cProfile.Profile() if profile_path is not None else None
     running = _RunningWorker(config, watch, profile)
-    load_before = os.getloadavg()[0]
+    load_before = load_1m()
     running.start()
     timeout_s = timeout_s if timeout_s is not None else max(120.0, records / 500)
     deadline = time.monotonic() + timeout_s
@@ -579,7 +579,7 @@ def run_throughput(
                 _say(f"    {watch.handled:,}/{records:,} handled, {elapsed:.0f} s")
     finally:
         running.stop()
-    load_after = os.getloadavg()[0]
+    load_after = load_1m()
     if profile is not None and profile_path is not None:
         profile_path.parent.mkdir(parents=True, exist_ok=True)
         profile.dump_stats(str(profile_path))
@@ -810,7 +810,7 @@ def run_latency(
     ids = stream_ids(f"l{run_id}", streams)
     watch = _Watch(total)
     running = _RunningWorker(config, watch)
-    load_before = os.getloadavg()[0]
+    load_before = load_1m()
     ctx = mp.get_context("spawn")
     reader_conn, reader_end = ctx.Pipe()
     gen_conn, gen_end = ctx.Pipe()
@@ -847,7 +847,7 @@ def run_latency(
             if child.is_alive():
                 child.kill()
         delete_topics(bootstrap, [topic, *_worker_topics(config)])
-    load_after = os.getloadavg()[0]
+    load_after = load_1m()
     sent = array("d")
     sent.frombytes(sent_bytes)
     index = {sid: i for i, sid in enumerate(ids)}
@@ -962,8 +962,7 @@ def _environment_line() -> str:
     import confluent_kafka
 
     return (
-        f"{os.cpu_count()} cores ({platform.machine()}), Python {platform.python_version()}, "
-        f"confluent-kafka {confluent_kafka.__version__} / librdkafka "
+        f"{machine()}, {versions(('confluent-kafka',))} / librdkafka "
         f"{confluent_kafka.libversion()[0]}, one local single-node broker (deploy/kafka-local)"
     )
 
@@ -980,7 +979,7 @@ def markdown_section(
         f"## {SECTION_TITLE} — {now:%Y-%m-%d %H:%M} UTC\n",
         f"`{command}` on {_environment_line()}. The machine is shared: compare rows of one "
         "run, and read the load average beside each row.\n",
-        "The engine is `worker.bench_loop.PassThroughEngine` (one event per input record), so "
+        "The engine is `bench.loop.PassThroughEngine` (one event per input record), so "
         "these numbers are the Kafka loop's own cost: consume → decode → admit → produce → "
         f"checkpoint (every {transaction_interval_ms} ms).\n",
     ]
@@ -1003,18 +1002,44 @@ def markdown_section(
     return "\n".join(parts)
 
 
-def append_markdown(path: Path, section: str) -> None:
-    """Append ``section``; another writer may have added to the file, so read it just before."""
-    existing = path.read_text(encoding="utf-8") if path.exists() else ""
-    lead = (
-        ""
-        if not existing or existing.endswith("\n\n")
-        else ("\n" if existing.endswith("\n") else "\n\n")
-    )
-    if not existing:
-        lead = "# Benchmarks\n\n"
-    with path.open("a", encoding="utf-8") as f:
-        f.write(lead + section)
+def results_json(
+    command: str, throughput: Sequence[ThroughputResult], latency: Sequence[LatencyResult]
+) -> dict[str, object]:
+    """The runs' figures as plain JSON values (per-record latency arrays left out)."""
+    return {
+        "benchmark": "loop",
+        "command": command,
+        "throughput": [
+            {
+                "input": r.fmt.label,
+                "delivery": r.delivery,
+                "records": r.records,
+                "streams": r.streams,
+                "seconds": r.seconds,
+                "records_per_sec": r.records_per_sec,
+                "complete": r.complete,
+                "loop_cpu_us_per_record": r.thread_cpu_sec / r.records * 1e6 if r.records else 0.0,
+                "load_before": r.load_before,
+                "load_after": r.load_after,
+            }
+            for r in throughput
+        ],
+        "latency": [
+            {
+                "delivery": r.delivery,
+                "rate": r.rate,
+                "achieved_rate": r.achieved_rate,
+                "streams": r.streams,
+                "measured": r.measured,
+                "missing": r.missing,
+                "produced_ms_p50_p95_p99_max": list(r.produced_ms),
+                "visible_ms_p50_p95_p99_max": list(r.visible_ms),
+                "load_before": r.load_before,
+                "load_after": r.load_after,
+            }
+            for r in latency
+        ],
+    }
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -1071,7 +1096,7 @@ def _csv(text: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.bench_loop",
+        prog="python -m bench loop",
         description="Throughput and added latency of the Kafka worker loop with a "
         "pass-through engine (no model).",
     )
@@ -1119,6 +1144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--markdown", type=Path, metavar="PATH", help=f"append a '{SECTION_TITLE}' section"
     )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write the results as JSON")
     return parser
 
 
@@ -1135,13 +1161,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if bad := [m for m in modes if m not in MODES]:
         print(f"unknown delivery modes {bad}; expected some of {MODES}", file=sys.stderr)
         return 2
-    command = "python -m worker.bench_loop" + (
+    command = "python -m bench loop" + (
         " " + " ".join(sys.argv[1:] if argv is None else argv) if (argv or sys.argv[1:]) else ""
     )
     run_id = time.strftime("%Y%m%d%H%M%S") + uuid.uuid4().hex[:4]
     throughput: list[ThroughputResult] = []
     latency: list[LatencyResult] = []
-    _say(f"load average {os.getloadavg()[0]:.1f}; importing the worker loop")
+    _say(f"load average {load_1m():.1f}; importing the worker loop")
     with _Broker(args.bootstrap or os.environ.get("KAFKA_BOOTSTRAP_SERVERS")) as bootstrap:
         if not args.no_throughput:
             for fmt in formats:
@@ -1183,6 +1209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             report = profile_report(path)
             path.with_suffix(".txt").write_text(report, encoding="utf-8")
             _say(f"profile: {path.with_suffix('.txt')}")
+    if args.json is not None:
+        write_json(args.json, results_json(command, throughput, latency))
+        _say(f"wrote {args.json}")
     if args.markdown is not None:
         section = markdown_section(command, throughput, latency, args.transaction_interval_ms)
         append_markdown(args.markdown, section)
