@@ -51,7 +51,7 @@ def test_image_copies_only_what_runs() -> None:
         if match := re.match(r"\s*COPY\s+(?!--from)(.+)", line):
             *sources, _dest = match.group(1).split()
             copied.update(s.rstrip("/") for s in sources)
-    assert {"worker", "schemas"} <= copied, copied  # the demo (producer_tools) is not served
+    assert {"worker", "schemas"} <= copied, copied  # the demo (producer_tools) stays out
     assert not copied & {".", "bench", "tests"}, copied
 
 
