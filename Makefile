@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make demo` (set up, run the main job) and `make test`.
-# Everything installs into .venv; the tests start their own Kafka broker.
+# Everything installs into .venv (the tools extra too: synth and score need it); the tests start
+# their own Kafka broker.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,7 +15,7 @@ $(STAMP): pyproject.toml
 	@command -v java >/dev/null || { echo "Java 17+ is needed for the local Kafka broker" >&2; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,tools]'
 	@touch $@
 
 # espeak-ng makes the synthetic conversations; sox is handy for inspecting audio by hand.
