@@ -1,4 +1,6 @@
-"""``python -m producer_tools stream | load | tail | conversation``: publish calls, read events.
+"""``python -m producer_tools stream | load | tail | synth | score | conversation``.
+
+Publish calls, read transcript events, make synthetic calls with references, score transcripts.
 
 Exit codes: 0 done, 1 failed at run time (unreadable file, Kafka error), 2 bad arguments.
 """
@@ -84,6 +86,13 @@ def _positive_int(text: str) -> int:
     value = _int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _probability(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be 0..1, got {value}")
     return value
 
 
@@ -251,6 +260,96 @@ def cmd_conversation(args: argparse.Namespace) -> int:
     write_wav(args.out, conv.audio, conv.sample_rate)
     for turn in conv.turns:
         print(f"[{turn.start_s:6.2f}–{turn.end_s:6.2f}] speaker {turn.speaker}: {turn.text}")
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    """Make a synthetic call and its references."""
+    from producer_tools.synth import SynthError, SynthPaths, SynthSpec, make_call, write_call
+
+    try:
+        spec = SynthSpec(
+            speakers=args.speakers,
+            turns=args.turns,
+            seed=args.seed,
+            overlap_probability=args.overlap_prob,
+            overlap_s=args.overlap_sec,
+            gap_s=args.gap_sec,
+            stereo=args.stereo,
+            telephone=args.telephone,
+            speed_wpm=args.speed_wpm,
+        )
+        paths = SynthPaths.beside(args.out, args.transcript, args.rttm)
+        paths.check(spec)  # before any synthesis
+    except SynthError as exc:
+        raise UsageError(str(exc)) from None
+
+    def progress(done: int, total: int, voice: str) -> None:
+        _note(args, f"synthesising turn {done + 1}/{total} ({voice})…")
+
+    call = make_call(spec, args.recording or paths.audio.stem, progress=progress)
+    write_call(call, paths)
+    for path in (paths.audio, paths.transcript, paths.rttm):
+        print(path, flush=True)
+    overlaps = _overlaps(call.reference.turns)
+    _note(
+        args,
+        f"{paths.audio}: {call.duration_s:.1f} s, {spec.speakers} speaker(s), "
+        f"{len(call.reference.turns)} turns ({overlaps} overlapping), "
+        f"{spec.channels} channel(s) at {spec.sample_rate} Hz"
+        f"{' μ-law' if spec.telephone else ''}, seed {spec.seed}",
+    )
+    return 0
+
+
+def _overlaps(turns) -> int:
+    """Turns that start before an earlier turn has ended."""
+    latest_end, count = 0.0, 0
+    for turn in turns:
+        count += turn.start_s < latest_end
+        latest_end = max(latest_end, turn.end_s)
+    return count
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """Score one call's finals against its references."""
+    from producer_tools.reference import read_rttm, read_transcript
+    from producer_tools.score import (
+        hypothesis_from_events,
+        read_dump,
+        read_topic,
+        score,
+        write_report,
+    )
+
+    if args.reference is None and args.rttm is None:
+        raise UsageError("give --reference (WER, cpWER, DER) and/or --rttm (DER)")
+    if args.events is None and args.stream is None:
+        raise UsageError("give --events FILE (a tail --json dump) or --stream ID to read the topic")
+    transcript = read_transcript(args.reference) if args.reference else None
+    rttm = read_rttm(args.rttm, args.recording) if args.rttm else None
+    if args.events is not None:
+        events = read_dump(sys.stdin if str(args.events) == "-" else args.events)
+    else:
+        _note(args, f"reading {args.topic} for stream {args.stream} (read_committed)…")
+        events = read_topic(
+            args.bootstrap_servers,
+            args.topic,
+            args.stream,
+            timeout_s=args.timeout_sec,
+            schema_registry_url=args.schema_registry_url,
+            wire_format=WireFormat(args.wire_format),
+            progress=None if args.quiet else sys.stderr,
+        )
+    hypothesis = hypothesis_from_events(events, args.stream)
+    if not hypothesis.ended:
+        _note(
+            args, f"warning: no STREAM_END for {hypothesis.stream_id}: scoring the finals there are"
+        )
+    report = score(
+        hypothesis, transcript, rttm, collar_s=args.collar, normalize=not args.no_normalize
+    )
+    write_report(report, sys.stdout, as_json=args.json)
     return 0
 
 
@@ -428,6 +527,145 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(handler=cmd_tail)
 
+    from producer_tools.synth import MAX_SPEAKERS, SynthSpec
+
+    d = SynthSpec()
+    p = sub.add_parser(
+        "synth",
+        help="make a synthetic multi-speaker call with its reference transcript and RTTM",
+        description="Synthesise a call with espeak-ng voices taking turns (speakers A, B, … "
+        "introduced in order, then the floor passes at random), some turns overlapping, and "
+        "write the audio, a reference transcript (JSON: per turn speaker, start, end, text) "
+        "and the speaker turns (RTTM). The same options and --seed give the same bytes. "
+        "Prints the three paths on stdout. Needs espeak-ng (apt-get install espeak-ng).",
+    )
+    p.add_argument("out", type=Path, help="audio file to write: .wav or .flac")
+    p.add_argument(
+        "--speakers",
+        type=_positive_int,
+        default=d.speakers,
+        help=f"number of voices, 1..{MAX_SPEAKERS}; the worker's diarizer tells up to 4 apart "
+        f"(default: {d.speakers})",
+    )
+    p.add_argument(
+        "--turns", type=_positive_int, default=d.turns, help=f"turns in all (default: {d.turns})"
+    )
+    p.add_argument(
+        "--seed",
+        type=_int,
+        default=d.seed,
+        help=f"picks sentences, speakers, overlaps (default: {d.seed})",
+    )
+    p.add_argument(
+        "--overlap-prob",
+        type=_probability,
+        default=d.overlap_probability,
+        metavar="P",
+        help="chance that a change of speaker talks over the end of the previous turn "
+        f"(default: {d.overlap_probability})",
+    )
+    p.add_argument(
+        "--overlap-sec",
+        type=_non_negative,
+        default=d.overlap_s,
+        metavar="S",
+        help=f"length of such an overlap (default: {d.overlap_s})",
+    )
+    p.add_argument(
+        "--gap-sec",
+        type=_non_negative,
+        default=d.gap_s,
+        metavar="S",
+        help=f"silence between turns that do not overlap (default: {d.gap_s})",
+    )
+    p.add_argument(
+        "--stereo",
+        action="store_true",
+        help="one party per channel: A, C, E left; B, D, F right (default: mono mix)",
+    )
+    p.add_argument(
+        "--telephone",
+        action="store_true",
+        help="telephone band: 300-3400 Hz, 8 kHz, G.711 μ-law WAV (default: 16 kHz 16-bit PCM)",
+    )
+    p.add_argument(
+        "--speed-wpm",
+        type=_positive_int,
+        default=d.speed_wpm,
+        metavar="WPM",
+        help=f"speaking rate, words per minute, 80..450 (default: {d.speed_wpm})",
+    )
+    p.add_argument(
+        "--transcript",
+        type=Path,
+        metavar="PATH",
+        help="reference transcript to write (default: OUT with suffix .json)",
+    )
+    p.add_argument(
+        "--rttm", type=Path, metavar="PATH", help="RTTM to write (default: OUT with suffix .rttm)"
+    )
+    p.add_argument(
+        "--recording",
+        metavar="NAME",
+        help="recording name in the references (default: the stem of OUT)",
+    )
+    p.add_argument("--quiet", action="store_true", help="no notes or progress on stderr")
+    p.set_defaults(handler=cmd_synth)
+
+    p = sub.add_parser(
+        "score",
+        help="WER, cpWER and DER of a call's transcript against its references",
+        description="Score one call's FINAL segments, read from the transcript topic "
+        "(--stream, read_committed, waits for the call's STREAM_END) or from a JSON dump such "
+        "as 'tail --json' writes (--events), against a reference transcript (--reference, as "
+        "synth writes: WER, cpWER, and DER from its turns) and/or an RTTM (--rttm: DER). WER "
+        "ignores speakers; cpWER (meeteval) pairs speakers to minimise word errors; DER "
+        "(pyannote.metrics) is missed + false alarm + confusion over reference speech. Words "
+        "are compared lowercased without punctuation. Prints a table, or JSON with --json.",
+    )
+    _kafka_flags(p, DEFAULT_TRANSCRIPT_TOPIC, "topic of TranscriptEvent records")
+    p.add_argument("--reference", type=Path, metavar="JSON", help="reference transcript")
+    p.add_argument("--rttm", type=Path, metavar="RTTM", help="reference speaker turns")
+    p.add_argument(
+        "--recording",
+        metavar="NAME",
+        help="which recording of a multi-recording RTTM (default: its only one)",
+    )
+    p.add_argument(
+        "--events",
+        metavar="FILE",
+        help="transcript events as JSON lines or a JSON array; - reads stdin",
+    )
+    p.add_argument(
+        "--stream",
+        metavar="STREAM_ID",
+        help="the call to score: read from the topic, or picked from a dump of several calls",
+    )
+    p.add_argument(
+        "--timeout-sec",
+        type=_non_negative,
+        default=60.0,
+        metavar="S",
+        help="topic: give up when no event of the call comes for S seconds before its end "
+        "(default: 60)",
+    )
+    p.add_argument(
+        "--collar",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="DER: S seconds centred on each reference boundary are not scored "
+        "(pyannote's convention; md-eval's -c 0.25 is --collar 0.5) (default: 0)",
+    )
+    p.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="compare words as written (case and punctuation count)",
+    )
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    p.add_argument("--quiet", action="store_true", help="no notes or progress on stderr")
+    p.set_defaults(handler=cmd_score)
+
     from producer_tools.conversation import DEFAULT_SCRIPTS
 
     p = sub.add_parser(
@@ -446,13 +684,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from producer_tools.audio_files import AudioFileError
+    from producer_tools.conversation import EspeakError
+    from producer_tools.reference import ReferenceError
+    from producer_tools.score import ScoreError
+    from producer_tools.synth import SynthError
     from producer_tools.tail import TailError
 
     try:
         return args.handler(args)
     except UsageError as exc:
         parser.error(str(exc))
-    except (AudioFileError, ProducerError, TailError) as exc:
+    except (
+        AudioFileError,
+        EspeakError,
+        ProducerError,
+        ReferenceError,
+        ScoreError,
+        SynthError,
+        TailError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_USAGE  # not reached: parser.error exits

@@ -8,8 +8,9 @@ is audible where, and the reference turns can score diarization.
 
 Placing turns: each turn starts ``gap`` seconds after the latest end of the turns before it; a
 negative gap is an overlap. A turn may carry its own gap as a third element. Otherwise a change of
-speaker overlaps the floor by ``overlap_s`` with probability ``OVERLAP_PROBABILITY`` (drawn from
-``seed``) and waits ``gap_s`` the rest of the time; a speaker continuing always waits ``gap_s``.
+speaker overlaps the floor by ``overlap_s`` with probability ``overlap_probability`` (default
+``OVERLAP_PROBABILITY``, drawn from ``seed``) and waits ``gap_s`` the rest of the time; a speaker
+continuing always waits ``gap_s``.
 Nobody overlaps their own earlier turn, and turns start in the order given.
 """
 
@@ -90,6 +91,7 @@ def make_conversation(
     *,
     overlap_s: float = 0.3,
     gap_s: float = 0.2,
+    overlap_probability: float = OVERLAP_PROBABILITY,
     seed: int = 0,
     speed_wpm: int = DEFAULT_SPEED_WPM,
     name: str = "",
@@ -99,6 +101,8 @@ def make_conversation(
         raise ValueError("a conversation needs at least one turn")
     if overlap_s < 0 or gap_s < 0:
         raise ValueError(f"overlap_s and gap_s must be >= 0, got {overlap_s} and {gap_s}")
+    if not 0 <= overlap_probability <= 1:
+        raise ValueError(f"overlap_probability must be in [0, 1], got {overlap_probability}")
     rng = np.random.default_rng(seed)
     speakers: dict[str, int] = {}
     for turn in turns:
@@ -109,7 +113,17 @@ def make_conversation(
     for i, turn in enumerate(turns):
         speaker = speakers[turn[0]]
         clip = synthesise(turn[0], turn[1], speed_wpm=speed_wpm)
-        start = _place(i, turn, speaker, cursor, placed, overlap_s=overlap_s, gap_s=gap_s, rng=rng)
+        start = _place(
+            i,
+            turn,
+            speaker,
+            cursor,
+            placed,
+            overlap_s=overlap_s,
+            gap_s=gap_s,
+            overlap_probability=overlap_probability,
+            rng=rng,
+        )
         placed.append((start, start + clip.shape[0], speaker))
         clips.append(clip)
         cursor = max(cursor, start + clip.shape[0])
@@ -145,6 +159,7 @@ def _place(
     *,
     overlap_s: float,
     gap_s: float,
+    overlap_probability: float,
     rng: np.random.Generator,
 ) -> int:
     """Start sample of turn ``index``, given the turns already ``placed`` and the free floor."""
@@ -164,7 +179,7 @@ def _place(
             )
         return start
     # Draw for every turn, used or not, so one turn's outcome does not shift the others'.
-    wants_overlap = rng.random() < OVERLAP_PROBABILITY
+    wants_overlap = rng.random() < overlap_probability
     if wants_overlap and speaker != placed[-1][2]:
         start = cursor - round(overlap_s * SAMPLE_RATE)
         if not clashes(start):
