@@ -15,6 +15,7 @@ from producer_tools.__main__ import main
 from producer_tools.reference import read_transcript
 from producer_tools.score import ScoreError, normalize_words, read_topic
 from schemas import EventKind, RecordCodec, TranscriptEvent
+from tests.espeak import require_espeak
 from tests.integration.test_worker import RunningWorker, _config
 from worker.service.topics import create_topics
 
@@ -106,6 +107,7 @@ def test_topic_reader_sees_one_streams_committed_events_to_its_end(
 
 @pytest.mark.slow
 def test_synth_stream_worker_score(kafka_bootstrap, fp64_models, tmp_path, capsys) -> None:
+    require_espeak()
     config = _config(kafka_bootstrap, float64=True)
     create_topics(config, partitions=2)
     wav = tmp_path / "call.wav"

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
 
 import numpy as np
 import pytest
@@ -22,15 +20,12 @@ from producer_tools.synth import (
     script,
     speaker_label,
 )
+from tests.espeak import require_espeak
 
 
 @pytest.fixture
 def espeak() -> None:
-    """Skip without espeak-ng on a developer machine; under CI its absence is a failure."""
-    if shutil.which("espeak-ng") is None:
-        if os.environ.get("CI"):
-            pytest.fail("espeak-ng is missing under CI: make system-deps installs it")
-        pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
+    require_espeak()
 
 
 def _synth(tmp_path, name: str, *flags: str) -> tuple:
