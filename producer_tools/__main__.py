@@ -428,8 +428,9 @@ def _audio_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m producer_tools",
-        description="Publish call audio to Kafka as AudioChunk records and read the "
-        "TranscriptEvent records the worker writes.",
+        description="Publish call audio to Kafka as AudioChunk records, read the "
+        "TranscriptEvent records the worker writes, make synthetic calls with reference "
+        "transcripts and score transcripts against them.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
