@@ -287,3 +287,12 @@ def test_score_command_errors_are_clear(tmp_path, capsys) -> None:
     )
     assert code == 1
     assert "nope.json: no such file" in capsys.readouterr().err
+
+
+def test_empty_and_zero_length_finals_score_as_nothing_recognised() -> None:
+    ref = [turn("A", 0, 1, "hello there")]
+    hyp = [turn("x", 0, 0, ""), turn("y", 0.5, 0.5, "...")]
+    assert word_error_rate(ref, hyp).deletions == 2
+    assert cp_word_error_rate(ref, hyp).error_rate == 1.0
+    der = diarization_error_rate(ref, hyp)
+    assert (der.error_rate, der.missed_s, der.false_alarm_s) == (1.0, 1.0, 0.0)
