@@ -18,9 +18,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,tools]'
 	@touch $@
 
-# espeak-ng makes the synthetic conversations; sox is handy for inspecting audio by hand.
+# espeak-ng makes the synthetic conversations; promtool (Debian's prometheus) checks the alert
+# rules; sox is handy for inspecting audio by hand.
 system-deps:
-	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng sox; }
+	@command -v espeak-ng >/dev/null && command -v promtool >/dev/null || { \
+		apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng sox prometheus; }
 
 demo: setup system-deps
 	$(PY) -m worker demo
