@@ -17,9 +17,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	@touch $@
 
-# espeak-ng makes the synthetic conversations; sox is handy for inspecting audio by hand.
+# espeak-ng makes the synthetic conversations; sox is handy for inspecting audio by hand;
+# Debian's chromium runs the live demo page's browser test (Playwright drives it, no downloads).
 system-deps:
 	@command -v espeak-ng >/dev/null || { apt-get update -qq && apt-get install -y -qq espeak-ng sox; }
+	@command -v chromium >/dev/null || { apt-get update -qq && apt-get install -y -qq chromium; }
 
 demo: setup system-deps
 	$(PY) -m worker demo
