@@ -19,10 +19,11 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 # espeak-ng makes the synthetic conversations; promtool (Debian's prometheus) checks the alert
-# rules; sox is handy for inspecting audio by hand.
+# rules; Debian's chromium runs the live demo page's browser test (Playwright drives it, no
+# downloads); sox is handy for inspecting audio by hand.
 system-deps:
-	@command -v espeak-ng >/dev/null && command -v promtool >/dev/null || { \
-		apt-get update -qq && apt-get install -y -qq --no-install-recommends espeak-ng sox prometheus; }
+	@command -v espeak-ng >/dev/null && command -v promtool >/dev/null && command -v chromium >/dev/null || { \
+		apt-get update -qq && apt-get install -y -qq espeak-ng sox prometheus chromium; }
 
 demo: setup system-deps
 	$(PY) -m worker demo

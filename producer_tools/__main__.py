@@ -678,6 +678,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("conversation", choices=sorted(DEFAULT_SCRIPTS), help="which conversation")
     p.add_argument("out", type=Path, help="WAV file to write")
     p.set_defaults(handler=cmd_conversation)
+
+    from producer_tools.web.cli import add_parser as add_web_parser
+
+    add_web_parser(sub, lambda p: _kafka_flags(p, DEFAULT_TOPIC, "topic of AudioChunk records"))
     return parser
 
 

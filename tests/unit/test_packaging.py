@@ -39,6 +39,7 @@ def test_wheel_ships_schemas_and_tokenizer_corpus_but_no_benchmarks_or_tests(tmp
     assert "worker/engine/tokenizer_corpus.txt" in names
     assert "worker/service/loop.py" in names
     assert "producer_tools/conversation.py" in names
+    assert {"producer_tools/web/static/index.html", "producer_tools/web/static/app.js"} <= names
     top_level = {n.split("/", 1)[0] for n in names if "/" in n and ".dist-info/" not in n}
     assert top_level == set(SHIPPED), top_level
     assert not any(n.startswith(tuple(f"{p}/" for p in NOT_SHIPPED)) for n in names)
