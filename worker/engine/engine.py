@@ -13,6 +13,13 @@ deletes every occurrence of the previous text, which eats words that contain it)
 times come from each step's own token frames, which is also right for ``greedy_batch``
 decoding (whose merged timestamps NeMo misreads).
 
+Precision (``EngineConfig.dtype``): "fp32" and "fp64" run everything in the models' own dtype;
+"bf16" runs the diarizer and ASR encoder forwards under ``torch.autocast`` (where the FLOPs are)
+and keeps the preprocessor, the RNN-T decoder and all stored state in float32, so a stream's
+state has one dtype whatever the setting and the decoder's greedy loop sees the numbers it was
+built for. Every tensor the engine makes is made on the models' device: the engine runs on CUDA
+and on the CPU alike.
+
 Thread rule: an engine is used by one thread, the one that owns the device. It is not
 thread-safe, and needs no lock because nothing else touches it.
 """
@@ -127,6 +134,7 @@ class StreamingEngine:
         self.device = models.device
         self.asr = models.asr
         self.diar = models.diarizer
+        self.dtype = _check_precision(models, self.cfg)
         self._configure_models()
         self.layout: ChunkLayout = chunk_layout(self.asr)
         self.extractor = FeatureExtractor(self.asr)
@@ -173,6 +181,12 @@ class StreamingEngine:
         modules.fifo_len = cfg.fifo_len
         modules.spkcache_update_period = cfg.spkcache_update_period
         self.diar.async_streaming = True
+
+    def _encoder_autocast(self) -> torch.autocast:
+        """bf16 autocast for the diarizer and ASR encoder forwards (a no-op unless dtype bf16)."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16"
+        )
 
     # -- streams ---------------------------------------------------------------------------
 
@@ -313,13 +327,20 @@ class StreamingEngine:
         t0 = time.perf_counter()
         diar_rows = [r.stream.model.diar for r in rows]
         n_spk = self.diar.sortformer_modules.n_spk
-        diar_state, chunk_preds = self.diar.forward_streaming_step(
-            processed_signal=chunks.transpose(1, 2),
-            processed_signal_length=lengths,
-            streaming_state=gather_diarizer(diar_rows, StreamingSortformerState),
-            total_preds=torch.zeros(len(rows), 0, n_spk, device=device),
-            drop_extra_pre_encoded=drop,
-        )
+        with self._encoder_autocast():
+            diar_state, chunk_preds = self.diar.forward_streaming_step(
+                processed_signal=chunks.transpose(1, 2),
+                processed_signal_length=lengths,
+                streaming_state=gather_diarizer(diar_rows, StreamingSortformerState),
+                total_preds=torch.zeros(len(rows), 0, n_spk, device=device, dtype=self.dtype),
+                drop_extra_pre_encoded=drop,
+            )
+        # State and predictions are kept in the models' dtype whatever ran under autocast.
+        chunk_preds = chunk_preds.to(self.dtype)
+        for name in diar_rows[0].tensors:
+            value = getattr(diar_state, name)
+            if value.is_floating_point():
+                setattr(diar_state, name, value.to(self.dtype))
         diar_valid = _subsampled(self.diar.encoder.pre_encode, lengths) - drop
         timing.diarizer += time.perf_counter() - t0
 
@@ -335,7 +356,8 @@ class StreamingEngine:
 
         # ASR: pre-encode each stream once, then one instance per active speaker.
         t0 = time.perf_counter()
-        pre, pre_len = self.asr.encoder.pre_encode(x=chunks.transpose(1, 2), lengths=lengths)
+        with self._encoder_autocast():
+            pre, pre_len = self.asr.encoder.pre_encode(x=chunks.transpose(1, 2), lengths=lengths)
         pre_len = pre_len.to(torch.int64)
         if drop:
             pre = pre[:, drop:, :]
@@ -418,7 +440,7 @@ class StreamingEngine:
         device = self.device
         width = pre.shape[1]
         idx = torch.tensor([p[0] for p in part], device=device)
-        targets = torch.zeros(len(part), width, device=device, dtype=pre.dtype)
+        targets = torch.zeros(len(part), width, device=device, dtype=self.dtype)
         background = torch.zeros_like(targets)
         for j, (i, spk, _) in enumerate(part):
             # NeMo's targets are the last chunk's predictions, left-padded (1 for the speaker,
@@ -442,23 +464,32 @@ class StreamingEngine:
         # chunk's. Either way the chunk's own frames are what the times need.
         frame_base = [inst.frames_decoded if self._batched_decoding else 0 for inst in instances]
         channel, time_cache, channel_len = gather_asr(instances)
+        # NeMo's conformer_stream_step, split so that only the encoder runs under autocast.
         self.asr.set_speaker_targets(targets, background)
         try:
-            (_, _, channel, time_cache, channel_len, best) = self.asr.conformer_stream_step(
-                processed_signal=pre[idx],
-                processed_signal_length=pre_len[idx],
-                cache_last_channel=channel,
-                cache_last_time=time_cache,
-                cache_last_channel_len=channel_len,
-                keep_all_outputs=keep_all,
-                previous_hypotheses=hyps,
-                previous_pred_out=None,
-                drop_extra_pre_encoded=self.layout.drop_extra_pre_encoded,
-                return_transcription=True,
-                bypass_pre_encode=True,
-            )
+            with self._encoder_autocast():
+                encoded, encoded_len, channel, time_cache, channel_len = (
+                    self.asr.encoder.cache_aware_stream_step(
+                        processed_signal=pre[idx],
+                        processed_signal_length=pre_len[idx],
+                        cache_last_channel=channel,
+                        cache_last_time=time_cache,
+                        cache_last_channel_len=channel_len,
+                        keep_all_outputs=keep_all,
+                        drop_extra_pre_encoded=self.layout.drop_extra_pre_encoded,
+                        bypass_pre_encode=True,
+                    )
+                )
         finally:
             self.asr.clear_speaker_targets()
+        encoded = self.asr._apply_prompt_to_encoded(encoded).to(self.dtype)
+        channel, time_cache = channel.to(self.dtype), time_cache.to(self.dtype)
+        best = self.asr.decoding.rnnt_decoder_predictions_tensor(
+            encoder_output=encoded,
+            encoded_lengths=encoded_len,
+            return_hypotheses=True,
+            partial_hypotheses=hyps,
+        )
         out = []
         for j, (i, spk, inst) in enumerate(part):
             hyp = best[j]
@@ -550,6 +581,23 @@ class StreamingEngine:
         while len(marks) > 1 and marks[1][0] <= horizon_sample:
             marks.popleft()
         return tuple(out)
+
+
+def _check_precision(models: LoadedModels, cfg: EngineConfig) -> torch.dtype:
+    """The dtype of the models' weights, which ``cfg.dtype`` needs (float64 for fp64, float32
+    otherwise: bf16 autocasts from float32 weights); sets the TF32 switch on CUDA."""
+    want = torch.float64 if cfg.dtype == "fp64" else torch.float32
+    for role, model in (("diarizer", models.diarizer), ("ASR model", models.asr)):
+        got = next(model.parameters()).dtype
+        if got != want:
+            raise ValueError(
+                f"engine dtype {cfg.dtype!r} needs the {role}'s weights in {want}, they are "
+                f"{got}: load the models with torch's default dtype set to {want}"
+            )
+    if models.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    return want
 
 
 def _sequence_at(marks: deque[tuple[int, int]], sample: int) -> int:

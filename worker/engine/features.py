@@ -100,7 +100,9 @@ class FeatureExtractor:
         lead = min(first, _LEAD_FRAMES)
         start = (first - lead) * self.hop - offset
         span = torch.from_numpy(np.ascontiguousarray(audio[start:])).to(self.device, self.dtype)
-        feats, _ = self.module(input_signal=span[None], length=torch.tensor([len(span)]))
+        feats, _ = self.module(
+            input_signal=span[None], length=torch.tensor([len(span)], device=self.device)
+        )
         return feats[0, :, lead : lead + count].to(self.dtype)  # NeMo's mel is always float32
 
 
