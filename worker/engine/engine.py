@@ -57,6 +57,7 @@ from worker.engine.state import (
     new_speaker_instance,
     scatter_diarizer,
 )
+from worker.engine.targets import active_mask, speaker_targets, stack_right_aligned
 from worker.engine.transcript import (
     AssemblerConfig,
     SegmentUpdate,
@@ -110,6 +111,16 @@ class _Row:
     chunk: torch.Tensor
     length: int
     last: bool
+
+
+@dataclass
+class _Gating:
+    """A step's speaker gating, as the ASR instances' targets need it."""
+
+    recent: torch.Tensor  # (B, frames, n_spk) recent predictions, right-aligned
+    active: torch.Tensor  # (B, n_spk) bool, on the device
+    recent_frames: list[int]  # recent predictions per row
+    asr_valid: list[int]  # the ASR encoder's valid frames per row, after the dropped ones
 
 
 @dataclass
@@ -365,18 +376,27 @@ class StreamingEngine:
             value = getattr(diar_state, name)
             if value.is_floating_point():
                 setattr(diar_state, name, value.to(self.dtype))
-        diar_valid = _subsampled(self.diar.encoder.pre_encode, lengths) - drop
         timing.diarizer += time.perf_counter() - t0
 
-        # Speaker gating on each stream's recent predictions.
-        recents: list[torch.Tensor] = []
-        active: list[list[int]] = []
-        for i, row in enumerate(rows):
-            preds = chunk_preds[i, : max(0, int(diar_valid[i]))].clone()
-            preds[:, self.cfg.max_speakers :] = 0.0
-            recent = torch.cat([row.stream.model.diar.recent_preds, preds])[-self.gating_frames :]
-            recents.append(recent)
-            active.append(self._active_speakers(recent))
+        # Valid encoder frames per row, computed on the host as the encoders' own subsampling
+        # computes them (reading them from the device would synchronise once per row).
+        host_lengths = [r.length for r in rows]
+        diar_valid = _subsampled_host(self.diar.encoder.pre_encode, host_lengths, drop)
+        asr_valid = _subsampled_host(self.asr.encoder.pre_encode, host_lengths, drop)
+
+        # Speaker gating on each stream's recent predictions: one device→host copy.
+        chunk_preds = chunk_preds.clone()
+        chunk_preds[:, :, self.cfg.max_speakers :] = 0.0
+        recents = [
+            torch.cat([row.stream.model.diar.recent_preds, chunk_preds[i, :n]])[
+                -self.gating_frames :
+            ]
+            for i, (row, n) in enumerate(zip(rows, diar_valid, strict=True))
+        ]
+        recent = stack_right_aligned(recents)
+        active_on_device = active_mask(recent, self.cfg.max_speakers, self.cfg.cache_gating)
+        active = [np.flatnonzero(m).tolist() for m in active_on_device.cpu().numpy()]
+        gating = _Gating(recent, active_on_device, [len(r) for r in recents], asr_valid)
 
         # ASR: pre-encode each stream once, then one instance per active speaker.
         t0 = time.perf_counter()
@@ -403,9 +423,7 @@ class StreamingEngine:
                 group = [p for p in plan if rows[p[0]].last is keep_all]
                 for start in range(0, len(group), self.cfg.max_instances_per_step):
                     part = group[start : start + self.cfg.max_instances_per_step]
-                    results.extend(
-                        self._asr_forward(part, rows, recents, active, pre, pre_len, keep_all)
-                    )
+                    results.extend(self._asr_forward(part, rows, gating, pre, pre_len, keep_all))
         except Exception:
             for hyp, fields in saved:
                 hyp.__dict__.update(fields)
@@ -444,43 +462,27 @@ class StreamingEngine:
                 )
         return updates
 
-    def _active_speakers(self, recent: torch.Tensor) -> list[int]:
-        if not self.cfg.cache_gating:
-            return list(range(self.cfg.max_speakers))
-        peak = recent.max(dim=0).values
-        values, indices = torch.topk(peak, k=self.cfg.max_speakers)
-        return sorted(indices[values > 0.5].tolist())
-
     def _asr_forward(
         self,
         part: list[tuple[int, int, SpeakerInstance]],
         rows: list[_Row],
-        recents: list[torch.Tensor],
-        active: list[list[int]],
+        gating: _Gating,
         pre: torch.Tensor,
         pre_len: torch.Tensor,
         keep_all: bool,
     ) -> list[_InstanceResult]:
-        device = self.device
-        width = pre.shape[1]
-        idx = torch.tensor([p[0] for p in part], device=device)
-        targets = torch.zeros(len(part), width, device=device, dtype=self.dtype)
-        background = torch.zeros_like(targets)
-        for j, (i, spk, _) in enumerate(part):
-            # NeMo's targets are the last chunk's predictions, left-padded (1 for the speaker,
-            # 0 for the background) or cut to the chunk's valid frames.
-            n = int(pre_len[i])
-            window = recents[i][-self.nframes_per_chunk :][-n:] if n else recents[i][:0]
-            others = [s for s in active[i] if s != spk]
-            fg = window[:, spk]
-            bg = (window[:, others] > 0.5).sum(dim=-1) > 0 if others else torch.zeros_like(fg)
-            targets[j, : n - len(fg)] = 1.0
-            targets[j, n - len(fg) : n] = fg
-            background[j, n - len(bg) : n] = bg.to(targets.dtype)
-            targets[j, n:] = 1.0
-        if self.cfg.binary_diar_preds:
-            targets = (targets > 0.5).to(targets.dtype)
-            background = (background > 0.5).to(targets.dtype)
+        # One host→device copy of the plan; the targets come from batched tensor operations.
+        plan = torch.tensor(
+            [
+                (i, spk, gating.asr_valid[i], min(gating.recent_frames[i], self.nframes_per_chunk))
+                for i, spk, _ in part
+            ],
+            dtype=torch.int64,
+        ).to(self.device)
+        idx = plan[:, 0]
+        targets, background = speaker_targets(
+            gating.recent, gating.active, plan, pre.shape[1], self.cfg.binary_diar_preds
+        )
         instances = [p[2] for p in part]
         hyps = [inst.hypothesis for inst in instances]
         before = [_token_count(h) for h in hyps]
@@ -644,6 +646,12 @@ def _subsampled(pre_encode: torch.nn.Module, lengths: torch.Tensor) -> torch.Ten
         ceil_mode=pre_encode._ceil_mode,
         repeat_num=pre_encode._sampling_num,
     ).to(torch.int64)
+
+
+def _subsampled_host(pre_encode: torch.nn.Module, lengths: list[int], drop: int) -> list[int]:
+    """``_subsampled`` on the host, less the ``drop`` frames each chunk drops (at least 0)."""
+    frames = _subsampled(pre_encode, torch.tensor(lengths, dtype=torch.int64))
+    return [max(0, n - drop) for n in frames.tolist()]
 
 
 def _cache_kwargs(caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:
