@@ -157,7 +157,7 @@ class StreamFeatures:
         if self.ended:
             raise ValueError("audio pushed after the end of the stream")
         if len(samples):
-            self._pieces.append(np.array(samples, dtype=np.float32))
+            self._pieces.append(samples.astype(np.float32))  # a copy, whatever the dtype
             self.samples_received += len(samples)
 
     def end(self) -> None:

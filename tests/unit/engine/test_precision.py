@@ -127,11 +127,14 @@ def test_bad_precision_settings_say_what_is_allowed(settings, message) -> None:
 
 
 @pytest.mark.gpu
-def test_bf16_on_cuda_runs_and_keeps_float32_state(tiny_model_paths, short_call) -> None:
+def test_bf16_on_cuda_autocasts_the_encoders_only(tiny_model_paths, short_call) -> None:
     diarizer, asr = tiny_model_paths
     models = load_models(str(diarizer), str(asr), device="cuda")
     updates, seen = run_one(models, short_call, EngineConfig(dtype="bf16", allow_tf32=True))
     assert [u.error for u in updates if u.error is not None] == []
     assert any(seg.final for u in updates for seg, _ in u.segments), "no final segment"
+    assert seen["diarizer encoder"] == {torch.bfloat16}
     assert seen["asr encoder"] == {torch.bfloat16}
     assert seen["preprocessor"] == {torch.float32}
+    assert seen["rnnt joint"] == {torch.float32}
+    assert torch.backends.cuda.matmul.allow_tf32
