@@ -42,6 +42,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "kafka_bootstrap" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.kafka)
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_items:
+        import torch  # only when a gpu test was collected: torch is slow to import
+
+        if not torch.cuda.is_available():
+            skip = pytest.mark.skip(reason="needs CUDA (marked gpu)")
+            for item in gpu_items:
+                item.add_marker(skip)
 
 
 def _kafka_local(command: str, data_dir: Path, timeout: float) -> subprocess.CompletedProcess[str]:

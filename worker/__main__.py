@@ -36,7 +36,7 @@ def load_engine_models(config):
 
     # NeMo prints every restored model's whole config as warnings; keep its errors only.
     nemo_logging.set_verbosity(logging.ERROR)
-    if config.float64:
+    if config.engine.dtype == "fp64":
         torch.set_default_dtype(torch.float64)
     if config.torch_threads:
         torch.set_num_threads(config.torch_threads)

@@ -127,7 +127,10 @@ class WorkerConfig:
             "contends with the Kafka loop: steps measured 20x slower on 2 cores"
         ),
     )
-    float64: bool = field(default=False, metadata=_help("run the models in float64 (CPU tests)"))
+    float64: bool = field(
+        default=False,
+        metadata=_help("run the models in float64 (CPU tests); the same as dtype fp64"),
+    )
     gap_policy: GapPolicy = field(
         default=GapPolicy.FILL_SILENCE,
         metadata=_help("missing chunks in a stream: fill_silence, end_stream or dead_letter"),
@@ -252,6 +255,14 @@ class WorkerConfig:
     engine: EngineConfig = field(default_factory=EngineConfig, metadata=_help("engine settings"))
 
     def __post_init__(self) -> None:
+        # float64 predates the engine's dtype setting; either one selects the other.
+        if self.float64 and self.engine.dtype != "fp64":
+            if self.engine.dtype != "fp32":
+                raise ConfigError(
+                    f"float64 contradicts dtype {self.engine.dtype}: set one of them, or dtype fp64"
+                )
+            object.__setattr__(self, "engine", dataclasses.replace(self.engine, dtype="fp64"))
+        object.__setattr__(self, "float64", self.engine.dtype == "fp64")
         positive = {
             "idle_timeout_sec": self.idle_timeout_sec,
             "max_streams": self.max_streams,

@@ -27,7 +27,7 @@ from worker.engine.models import LoadedModels
 pytestmark = pytest.mark.slow
 
 TIME_TOLERANCE_S = 1e-9
-GOLDEN_CONFIG = EngineConfig(decoding_strategy="greedy", max_streams_per_step=8)
+GOLDEN_CONFIG = EngineConfig(decoding_strategy="greedy", max_streams_per_step=8, dtype="fp64")
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,7 @@ def test_greedy_batch_decoding_gives_the_same_transcript(fp64_models, calls) -> 
     """``greedy_batch`` is faster; its tokens and segment times must match ``greedy``'s."""
     subset = dict(list(calls.items())[:2])
     greedy = run_engine_staggered(fp64_models, subset)
-    config = EngineConfig(decoding_strategy="greedy_batch", max_streams_per_step=8)
+    config = EngineConfig(decoding_strategy="greedy_batch", max_streams_per_step=8, dtype="fp64")
     try:
         batched = run_engine_staggered(fp64_models, subset, config)
     finally:

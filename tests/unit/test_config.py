@@ -104,3 +104,24 @@ def test_flags_reproduce_the_connection_settings() -> None:
     again = load_config(build_parser().parse_args(to_flags(config)), environ={})
     assert again == config
     assert to_flags(config)[:2] == ["--bootstrap-servers", config.bootstrap_servers]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "dtype"),
+    [
+        ({"float64": "true"}, "fp64"),
+        ({"dtype": "fp64"}, "fp64"),
+        ({"float64": "true", "dtype": "fp64"}, "fp64"),
+        ({"dtype": "bf16"}, "bf16"),
+        ({}, "fp32"),
+    ],
+)
+def test_float64_and_dtype_fp64_are_one_setting(overrides, dtype) -> None:
+    config = load_config(environ={}, overrides=overrides)
+    assert config.engine.dtype == dtype
+    assert config.float64 is (dtype == "fp64")
+
+
+def test_float64_with_bf16_is_refused() -> None:
+    with pytest.raises(ConfigError, match="float64 contradicts dtype bf16"):
+        load_config(environ={}, overrides={"float64": "true", "dtype": "bf16"})

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DTYPES = ("fp32", "bf16", "fp64")
+
+_HINTS = {
+    "dtype": f"dtype must be one of {', '.join(DTYPES)}",
+    "allow_tf32": "allow_tf32 lowers fp32 matmuls to TF32 and cannot apply with dtype fp64",
+}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -25,6 +32,12 @@ class EngineConfig:
     max_streams_per_step: int = 64
     max_instances_per_step: int = 256
     max_buffered_audio_sec: float = 30.0
+    # Numeric precision of the model forwards: "fp32"; "bf16" (autocast around the diarizer and
+    # ASR encoder forwards only, weights and state stay float32, the preprocessor and the RNN-T
+    # decoder run as NeMo keeps them); "fp64" (the models loaded in float64: exact comparisons).
+    dtype: str = "fp32"
+    # TF32 tensor-core matmuls and convolutions on CUDA: faster fp32, about bf16's mantissa.
+    allow_tf32: bool = False
 
     def __post_init__(self) -> None:
         checks = {
@@ -37,7 +50,10 @@ class EngineConfig:
             "final_after_silence_sec": self.final_after_silence_sec >= 0,
             "max_segment_sec": self.max_segment_sec > 0,
             "decoding_strategy": self.decoding_strategy in {"greedy", "greedy_batch"},
+            "dtype": self.dtype in DTYPES,
+            "allow_tf32": not (self.allow_tf32 and self.dtype == "fp64"),
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
-            raise ValueError(f"invalid engine settings: {', '.join(bad)} (got {self})")
+            hints = "".join(f"; {_HINTS[name]}" for name in bad if name in _HINTS)
+            raise ValueError(f"invalid engine settings: {', '.join(bad)} (got {self}){hints}")

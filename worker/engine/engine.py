@@ -13,6 +13,13 @@ deletes every occurrence of the previous text, which eats words that contain it)
 times come from each step's own token frames, which is also right for ``greedy_batch``
 decoding (whose merged timestamps NeMo misreads).
 
+Precision (``EngineConfig.dtype``): "fp32" and "fp64" run everything in the models' own dtype;
+"bf16" runs the diarizer and ASR encoder forwards under ``torch.autocast`` (where the FLOPs are)
+and keeps the preprocessor, the RNN-T decoder and all stored state in float32, so a stream's
+state has one dtype whatever the setting and the decoder's greedy loop sees the numbers it was
+built for. Every tensor the engine makes is made on the models' device: the engine runs on CUDA
+and on the CPU alike.
+
 Thread rule: an engine is used by one thread, the one that owns the device. It is not
 thread-safe, and needs no lock because nothing else touches it.
 """
@@ -20,6 +27,7 @@ thread-safe, and needs no lock because nothing else touches it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -31,7 +39,14 @@ from nemo.collections.asr.modules.sortformer_modules import StreamingSortformerS
 from nemo.collections.asr.parts.submodules.subsampling import calc_length
 
 from worker.engine.config import EngineConfig
-from worker.engine.features import ChunkLayout, FeatureExtractor, StreamFeatures, chunk_layout
+from worker.engine.features import (
+    ChunkBatch,
+    ChunkLayout,
+    FeatureExtractor,
+    StreamFeatures,
+    chunk_layout,
+    take_chunks,
+)
 from worker.engine.models import LoadedModels
 from worker.engine.results import SequenceSpan, StreamError, StreamUpdate
 from worker.engine.state import (
@@ -43,6 +58,7 @@ from worker.engine.state import (
     new_speaker_instance,
     scatter_diarizer,
 )
+from worker.engine.targets import active_mask, speaker_targets, stack_right_aligned
 from worker.engine.transcript import (
     AssemblerConfig,
     SegmentUpdate,
@@ -60,6 +76,7 @@ _UNK_SPACE = "\x01"
 class StepTiming:
     """Where one step's time went, in seconds."""
 
+    features: float = 0.0  # the chunks' features: packing, copy and the preprocessor
     diarizer: float = 0.0
     asr: float = 0.0
     total: float = 0.0
@@ -68,6 +85,7 @@ class StepTiming:
 
     @property
     def overhead(self) -> float:
+        """Everything in the step but the two forwards, ``features`` included."""
         return max(0.0, self.total - self.diarizer - self.asr)
 
 
@@ -94,6 +112,16 @@ class _Row:
     chunk: torch.Tensor
     length: int
     last: bool
+
+
+@dataclass
+class _Gating:
+    """A step's speaker gating, as the ASR instances' targets need it."""
+
+    recent: torch.Tensor  # (B, frames, n_spk) recent predictions, right-aligned
+    active: torch.Tensor  # (B, n_spk) bool, on the device
+    recent_frames: list[int]  # recent predictions per row
+    asr_valid: list[int]  # the ASR encoder's valid frames per row, after the dropped ones
 
 
 @dataclass
@@ -127,10 +155,12 @@ class StreamingEngine:
         self.device = models.device
         self.asr = models.asr
         self.diar = models.diarizer
+        self.dtype = _check_precision(models, self.cfg)
         self._configure_models()
         self.layout: ChunkLayout = chunk_layout(self.asr)
         self.extractor = FeatureExtractor(self.asr)
         self.sample_rate = self.extractor.sample_rate
+        self._chunk_samples = self.layout.chunk_frames * self.extractor.hop
         self.frame_sec = self.extractor.hop / self.sample_rate * self.asr.encoder.subsampling_factor
         self.nframes_per_chunk = self.cfg.att_context_size[1] + 1
         self.step_sec = self.nframes_per_chunk * self.frame_sec
@@ -174,6 +204,12 @@ class StreamingEngine:
         modules.spkcache_update_period = cfg.spkcache_update_period
         self.diar.async_streaming = True
 
+    def _encoder_autocast(self) -> torch.autocast:
+        """bf16 autocast for the diarizer and ASR encoder forwards (a no-op unless dtype bf16)."""
+        return torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=self.cfg.dtype == "bf16"
+        )
+
     # -- streams ---------------------------------------------------------------------------
 
     def add_stream(self, stream_id: str) -> None:
@@ -188,17 +224,24 @@ class StreamingEngine:
         )
 
     def push_audio(self, stream_id: str, samples: np.ndarray, sequence: int = -1) -> None:
-        """Append 16 kHz mono float samples that came from input record ``sequence``."""
+        """Append 16 kHz mono float samples that came from input record ``sequence``.
+
+        Called once per input record (every 20 ms per call), so it only checks and appends:
+        features are computed by the step that takes the audio's chunk.
+        """
         stream = self._get(stream_id)
         if stream.ended:
             raise StreamError("audio_after_end", f"stream {stream_id!r} got audio after its end")
         if samples.ndim != 1:
             raise StreamError("bad_audio", f"expected mono samples, got shape {samples.shape}")
-        if not np.all(np.isfinite(samples)):
+        # A finite sum proves every sample finite, in half the time of a per-sample check; a
+        # sum that overflowed is checked sample by sample.
+        if not math.isfinite(samples.sum()) and not np.isfinite(samples).all():
             raise StreamError("bad_audio", "audio holds NaN or infinite samples")
+        done = stream.features.chunks_done * self._chunk_samples
         if (
-            self.buffered_sec(stream_id) + len(samples) / self.sample_rate
-            > self.cfg.max_buffered_audio_sec
+            stream.samples_pushed - done + len(samples)
+            > self.cfg.max_buffered_audio_sec * self.sample_rate
         ):
             raise StreamError(
                 "buffer_full",
@@ -230,7 +273,7 @@ class StreamingEngine:
     def buffered_sec(self, stream_id: str) -> float:
         """Audio pushed but not yet stepped, in seconds."""
         stream = self._get(stream_id)
-        done = stream.features.chunks_done * self.layout.chunk_frames * self.extractor.hop
+        done = stream.features.chunks_done * self._chunk_samples
         return max(0.0, (stream.samples_pushed - done) / self.sample_rate)
 
     def state_bytes(self, stream_id: str) -> int:
@@ -264,29 +307,39 @@ class StreamingEngine:
         started = time.perf_counter()
         timing = StepTiming()
         updates: list[StreamUpdate] = []
-        rows: list[_Row] = []
+        scheduled: list[_Stream] = []
         streams = list(self._streams.values())
         # Past the cap, take turns: start where the last step's batch ended.
         start = self._next_first % len(streams) if streams else 0
         for stream in streams[start:] + streams[:start]:
-            if len(rows) >= self.cfg.max_streams_per_step:
-                self._next_first = start + len(rows)
+            if len(scheduled) >= self.cfg.max_streams_per_step:
+                self._next_first = start + len(scheduled)
                 break
             if stream.features.chunk_ready():
-                chunk, length, last = stream.features.take_chunk()
-                rows.append(_Row(stream, chunk, length, last))
+                scheduled.append(stream)
             elif stream.ended and stream.features.finished():
                 updates.append(self._finish(stream, audio_sec=0.0))
-        if rows:
-            updates.extend(self._run_rows(rows, timing))
+        if scheduled:
+            t0 = time.perf_counter()
+            batch = take_chunks([s.features for s in scheduled])
+            timing.features = time.perf_counter() - t0
+            rows = [
+                _Row(stream, batch.chunks[i], batch.host_lengths[i], batch.last[i])
+                for i, stream in enumerate(scheduled)
+            ]
+            updates.extend(self._run_rows(rows, timing, batch))
         timing.total = time.perf_counter() - started
-        timing.streams = len(rows)
+        timing.streams = len(scheduled)
         self.last_timing = timing
         return updates
 
-    def _run_rows(self, rows: list[_Row], timing: StepTiming) -> list[StreamUpdate]:
+    def _run_rows(
+        self, rows: list[_Row], timing: StepTiming, batch: ChunkBatch | None = None
+    ) -> list[StreamUpdate]:
+        """Step ``rows`` (whose chunks are ``batch``'s rows, when given); a failed batch is
+        retried stream by stream so that only the guilty stream fails."""
         try:
-            results = self._model_step(rows, timing)
+            results = self._model_step(rows, timing, batch)
         except Exception as exc:
             if len(rows) == 1:
                 stream = rows[0].stream
@@ -301,41 +354,63 @@ class StreamingEngine:
             return out
         return results
 
-    def _model_step(self, rows: list[_Row], timing: StepTiming) -> list[StreamUpdate]:
+    def _model_step(
+        self, rows: list[_Row], timing: StepTiming, batch: ChunkBatch | None
+    ) -> list[StreamUpdate]:
         """One diarizer and one ASR forward for ``rows``. State is written back only once both
         succeeded, so a failed batch can be retried stream by stream from the same state."""
         device = self.device
-        chunks = torch.stack([r.chunk for r in rows]).to(device)  # (B, n_mels, frames)
-        lengths = torch.tensor([r.length for r in rows], device=device)
+        if batch is not None:
+            chunks, lengths = batch.chunks, batch.lengths  # (B, n_mels, frames), (B,)
+        else:
+            chunks = torch.stack([r.chunk for r in rows])
+            lengths = torch.tensor([r.length for r in rows], device=device)
         drop = self.layout.drop_extra_pre_encoded
 
         # Diarizer: one forward over all streams, in NeMo's async (per-row) streaming form.
         t0 = time.perf_counter()
         diar_rows = [r.stream.model.diar for r in rows]
         n_spk = self.diar.sortformer_modules.n_spk
-        diar_state, chunk_preds = self.diar.forward_streaming_step(
-            processed_signal=chunks.transpose(1, 2),
-            processed_signal_length=lengths,
-            streaming_state=gather_diarizer(diar_rows, StreamingSortformerState),
-            total_preds=torch.zeros(len(rows), 0, n_spk, device=device),
-            drop_extra_pre_encoded=drop,
-        )
-        diar_valid = _subsampled(self.diar.encoder.pre_encode, lengths) - drop
+        with self._encoder_autocast():
+            diar_state, chunk_preds = self.diar.forward_streaming_step(
+                processed_signal=chunks.transpose(1, 2),
+                processed_signal_length=lengths,
+                streaming_state=gather_diarizer(diar_rows, StreamingSortformerState),
+                total_preds=torch.zeros(len(rows), 0, n_spk, device=device, dtype=self.dtype),
+                drop_extra_pre_encoded=drop,
+            )
+        # State and predictions are kept in the models' dtype whatever ran under autocast.
+        chunk_preds = chunk_preds.to(self.dtype)
+        for name in diar_rows[0].tensors:
+            value = getattr(diar_state, name)
+            if value.is_floating_point():
+                setattr(diar_state, name, value.to(self.dtype))
         timing.diarizer += time.perf_counter() - t0
 
-        # Speaker gating on each stream's recent predictions.
-        recents: list[torch.Tensor] = []
-        active: list[list[int]] = []
-        for i, row in enumerate(rows):
-            preds = chunk_preds[i, : max(0, int(diar_valid[i]))].clone()
-            preds[:, self.cfg.max_speakers :] = 0.0
-            recent = torch.cat([row.stream.model.diar.recent_preds, preds])[-self.gating_frames :]
-            recents.append(recent)
-            active.append(self._active_speakers(recent))
+        # Valid encoder frames per row, computed on the host as the encoders' own subsampling
+        # computes them (reading them from the device would synchronise once per row).
+        host_lengths = [r.length for r in rows]
+        diar_valid = _subsampled_host(self.diar.encoder.pre_encode, host_lengths, drop)
+        asr_valid = _subsampled_host(self.asr.encoder.pre_encode, host_lengths, drop)
+
+        # Speaker gating on each stream's recent predictions: one device→host copy.
+        chunk_preds = chunk_preds.clone()
+        chunk_preds[:, :, self.cfg.max_speakers :] = 0.0
+        recents = [
+            torch.cat([row.stream.model.diar.recent_preds, chunk_preds[i, :n]])[
+                -self.gating_frames :
+            ]
+            for i, (row, n) in enumerate(zip(rows, diar_valid, strict=True))
+        ]
+        recent = stack_right_aligned(recents)
+        active_on_device = active_mask(recent, self.cfg.max_speakers, self.cfg.cache_gating)
+        active = [np.flatnonzero(m).tolist() for m in active_on_device.cpu().numpy()]
+        gating = _Gating(recent, active_on_device, [len(r) for r in recents], asr_valid)
 
         # ASR: pre-encode each stream once, then one instance per active speaker.
         t0 = time.perf_counter()
-        pre, pre_len = self.asr.encoder.pre_encode(x=chunks.transpose(1, 2), lengths=lengths)
+        with self._encoder_autocast():
+            pre, pre_len = self.asr.encoder.pre_encode(x=chunks.transpose(1, 2), lengths=lengths)
         pre_len = pre_len.to(torch.int64)
         if drop:
             pre = pre[:, drop:, :]
@@ -357,9 +432,7 @@ class StreamingEngine:
                 group = [p for p in plan if rows[p[0]].last is keep_all]
                 for start in range(0, len(group), self.cfg.max_instances_per_step):
                     part = group[start : start + self.cfg.max_instances_per_step]
-                    results.extend(
-                        self._asr_forward(part, rows, recents, active, pre, pre_len, keep_all)
-                    )
+                    results.extend(self._asr_forward(part, rows, gating, pre, pre_len, keep_all))
         except Exception:
             for hyp, fields in saved:
                 hyp.__dict__.update(fields)
@@ -398,43 +471,27 @@ class StreamingEngine:
                 )
         return updates
 
-    def _active_speakers(self, recent: torch.Tensor) -> list[int]:
-        if not self.cfg.cache_gating:
-            return list(range(self.cfg.max_speakers))
-        peak = recent.max(dim=0).values
-        values, indices = torch.topk(peak, k=self.cfg.max_speakers)
-        return sorted(indices[values > 0.5].tolist())
-
     def _asr_forward(
         self,
         part: list[tuple[int, int, SpeakerInstance]],
         rows: list[_Row],
-        recents: list[torch.Tensor],
-        active: list[list[int]],
+        gating: _Gating,
         pre: torch.Tensor,
         pre_len: torch.Tensor,
         keep_all: bool,
     ) -> list[_InstanceResult]:
-        device = self.device
-        width = pre.shape[1]
-        idx = torch.tensor([p[0] for p in part], device=device)
-        targets = torch.zeros(len(part), width, device=device, dtype=pre.dtype)
-        background = torch.zeros_like(targets)
-        for j, (i, spk, _) in enumerate(part):
-            # NeMo's targets are the last chunk's predictions, left-padded (1 for the speaker,
-            # 0 for the background) or cut to the chunk's valid frames.
-            n = int(pre_len[i])
-            window = recents[i][-self.nframes_per_chunk :][-n:] if n else recents[i][:0]
-            others = [s for s in active[i] if s != spk]
-            fg = window[:, spk]
-            bg = (window[:, others] > 0.5).sum(dim=-1) > 0 if others else torch.zeros_like(fg)
-            targets[j, : n - len(fg)] = 1.0
-            targets[j, n - len(fg) : n] = fg
-            background[j, n - len(bg) : n] = bg.to(targets.dtype)
-            targets[j, n:] = 1.0
-        if self.cfg.binary_diar_preds:
-            targets = (targets > 0.5).to(targets.dtype)
-            background = (background > 0.5).to(targets.dtype)
+        # One host→device copy of the plan; the targets come from batched tensor operations.
+        plan = torch.tensor(
+            [
+                (i, spk, gating.asr_valid[i], min(gating.recent_frames[i], self.nframes_per_chunk))
+                for i, spk, _ in part
+            ],
+            dtype=torch.int64,
+        ).to(self.device)
+        idx = plan[:, 0]
+        targets, background = speaker_targets(
+            gating.recent, gating.active, plan, pre.shape[1], self.cfg.binary_diar_preds
+        )
         instances = [p[2] for p in part]
         hyps = [inst.hypothesis for inst in instances]
         before = [_token_count(h) for h in hyps]
@@ -442,23 +499,32 @@ class StreamingEngine:
         # chunk's. Either way the chunk's own frames are what the times need.
         frame_base = [inst.frames_decoded if self._batched_decoding else 0 for inst in instances]
         channel, time_cache, channel_len = gather_asr(instances)
+        # NeMo's conformer_stream_step, split so that only the encoder runs under autocast.
         self.asr.set_speaker_targets(targets, background)
         try:
-            (_, _, channel, time_cache, channel_len, best) = self.asr.conformer_stream_step(
-                processed_signal=pre[idx],
-                processed_signal_length=pre_len[idx],
-                cache_last_channel=channel,
-                cache_last_time=time_cache,
-                cache_last_channel_len=channel_len,
-                keep_all_outputs=keep_all,
-                previous_hypotheses=hyps,
-                previous_pred_out=None,
-                drop_extra_pre_encoded=self.layout.drop_extra_pre_encoded,
-                return_transcription=True,
-                bypass_pre_encode=True,
-            )
+            with self._encoder_autocast():
+                encoded, encoded_len, channel, time_cache, channel_len = (
+                    self.asr.encoder.cache_aware_stream_step(
+                        processed_signal=pre[idx],
+                        processed_signal_length=pre_len[idx],
+                        cache_last_channel=channel,
+                        cache_last_time=time_cache,
+                        cache_last_channel_len=channel_len,
+                        keep_all_outputs=keep_all,
+                        drop_extra_pre_encoded=self.layout.drop_extra_pre_encoded,
+                        bypass_pre_encode=True,
+                    )
+                )
         finally:
             self.asr.clear_speaker_targets()
+        encoded = self.asr._apply_prompt_to_encoded(encoded).to(self.dtype)
+        channel, time_cache = channel.to(self.dtype), time_cache.to(self.dtype)
+        best = self.asr.decoding.rnnt_decoder_predictions_tensor(
+            encoder_output=encoded,
+            encoded_lengths=encoded_len,
+            return_hypotheses=True,
+            partial_hypotheses=hyps,
+        )
         out = []
         for j, (i, spk, inst) in enumerate(part):
             hyp = best[j]
@@ -552,6 +618,23 @@ class StreamingEngine:
         return tuple(out)
 
 
+def _check_precision(models: LoadedModels, cfg: EngineConfig) -> torch.dtype:
+    """The dtype of the models' weights, which ``cfg.dtype`` needs (float64 for fp64, float32
+    otherwise: bf16 autocasts from float32 weights); sets the TF32 switch on CUDA."""
+    want = torch.float64 if cfg.dtype == "fp64" else torch.float32
+    for role, model in (("diarizer", models.diarizer), ("ASR model", models.asr)):
+        got = next(model.parameters()).dtype
+        if got != want:
+            raise ValueError(
+                f"engine dtype {cfg.dtype!r} needs the {role}'s weights in {want}, they are "
+                f"{got}: load the models with torch's default dtype set to {want}"
+            )
+    if models.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
+        torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
+    return want
+
+
 def _sequence_at(marks: deque[tuple[int, int]], sample: int) -> int:
     """Sequence number of the input record holding ``sample`` (-1 if none was recorded)."""
     found = marks[0][1] if marks else -1
@@ -572,6 +655,12 @@ def _subsampled(pre_encode: torch.nn.Module, lengths: torch.Tensor) -> torch.Ten
         ceil_mode=pre_encode._ceil_mode,
         repeat_num=pre_encode._sampling_num,
     ).to(torch.int64)
+
+
+def _subsampled_host(pre_encode: torch.nn.Module, lengths: list[int], drop: int) -> list[int]:
+    """``_subsampled`` on the host, less the ``drop`` frames each chunk drops (at least 0)."""
+    frames = _subsampled(pre_encode, torch.tensor(lengths, dtype=torch.int64))
+    return [max(0, n - drop) for n in frames.tolist()]
 
 
 def _cache_kwargs(caches: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> dict:

@@ -6,15 +6,24 @@ call arrives piece by piece, so this module computes, for audio received so far,
 frames a whole-file pass would give, and cuts the same chunks the NeMo buffer cuts with
 ``pad_and_drop_preencoded=True`` (every chunk the same size, which batching needs).
 
-A frame is computed once all the samples its STFT window touches have arrived. Each computation
-runs the model's own preprocessor over a short span that starts a few frames early, so
-pre-emphasis and the STFT's edge padding see the same samples as in a whole-file pass; at the
-end of the stream the last frames use the true end, as the whole-file pass does.
+Pushing audio only appends samples to the stream's buffer: at 20 ms records a preprocessor call
+per record costs more CPU than a few hundred calls can afford. Features are computed when a
+chunk is taken, for every stream of a model step at once (``take_chunks``): one host→device
+copy and one preprocessor call over the chunk's span of each stream, padded to the longest.
+
+Each span starts ``_LEAD_FRAMES`` frames before the chunk's first frame, so pre-emphasis and
+the STFT's edge padding see the same samples as in a whole-file pass; a stream's first chunk has
+no samples before it, and is left-padded with zeros, which is exactly what the STFT's own edge
+padding and NeMo's pre-emphasis (the first sample is kept as is) give. Every row's chunk then
+starts at the same feature column, so the batch is cut with one slice. A span ends at the last
+sample the chunk's last frame touches (at the end of the stream: the true end, as the
+whole-file pass does), and rows are padded with zeros that NeMo masks out.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -87,38 +96,52 @@ class FeatureExtractor:
         self.n_mels = int(cfg.features)
         param = next(asr_model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self._np_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
         self.module = asr_model.from_config_dict(cfg).to(self.device, self.dtype).eval()
 
     @torch.inference_mode()
-    def frames(self, audio: np.ndarray, first: int, count: int, offset: int) -> torch.Tensor:
-        """Frames ``first .. first+count`` of the signal; ``audio`` holds its samples from
-        ``offset`` on.
+    def frames_batch(self, spans: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features of each span, one row per span, ``(B, n_mels, frames)``, and each span's
+        length in samples ``(B,)``, both on the device.
 
-        ``audio`` must hold the samples from ``max(0, (first - 2) * hop)`` to the last sample any
-        wanted frame touches (or the stream's end); returns ``(n_mels, count)``.
+        The spans go to the device in one copy (each row's length rides in its column 0: exact,
+        spans are far shorter than the 2**24 samples float32 counts exactly) and through the
+        preprocessor in one call.
         """
-        lead = min(first, _LEAD_FRAMES)
-        start = (first - lead) * self.hop - offset
-        span = torch.from_numpy(np.ascontiguousarray(audio[start:])).to(self.device, self.dtype)
-        feats, _ = self.module(input_signal=span[None], length=torch.tensor([len(span)]))
-        return feats[0, :, lead : lead + count].to(self.dtype)  # NeMo's mel is always float32
+        longest = max(len(span) for span in spans)
+        host = np.zeros((len(spans), longest + 1), dtype=self._np_dtype)
+        for i, span in enumerate(spans):
+            host[i, 0] = len(span)
+            host[i, 1 : 1 + len(span)] = span
+        packed = torch.from_numpy(host).to(self.device)
+        lengths = packed[:, 0].to(torch.int64)
+        feats, _ = self.module(input_signal=packed[:, 1:], length=lengths)
+        return feats.to(self.dtype), lengths  # NeMo's mel is always float32
+
+
+@dataclass
+class ChunkBatch:
+    """The chunks of a model step, one row per stream, on the device."""
+
+    chunks: torch.Tensor  # (B, n_mels, input_frames), zero beyond each row's length
+    lengths: torch.Tensor  # (B,) valid frames per row, on the device
+    host_lengths: list[int]  # the same, on the host (no device→host copy)
+    last: list[bool]  # each row is its stream's last chunk (NeMo's ``is_buffer_empty``)
 
 
 class StreamFeatures:
-    """Per-stream audio tail and feature frames not yet cut into chunks.
+    """Per-stream audio not yet cut into chunks, and the left context of the next chunk.
 
-    Memory is bounded by the audio not yet covered by whole frames plus one chunk of frames.
+    Memory is bounded by the audio of one chunk and its lead frames plus whatever arrived
+    since that chunk was complete (the engine caps that with ``max_buffered_audio_sec``).
     """
 
     def __init__(self, extractor: FeatureExtractor, layout: ChunkLayout) -> None:
         self._x = extractor
         self._layout = layout
-        self._audio = np.zeros(0, dtype=np.float32)
-        self._audio_offset = 0  # global index of self._audio[0]
+        self._pieces: list[np.ndarray] = []  # audio from sample self._audio_offset on
+        self._audio_offset = 0  # global index of the first buffered sample
         self.samples_received = 0
-        self._frames_done = 0  # frames computed so far
-        self._pending: list[torch.Tensor] = []  # computed frames not yet in a chunk
-        self._pending_frames = 0
         self._chunk_start = 0  # global frame index of the next chunk's first frame
         self._pre_cache = torch.zeros(
             extractor.n_mels,
@@ -130,48 +153,42 @@ class StreamFeatures:
         self.chunks_done = 0
 
     def push(self, samples: np.ndarray) -> None:
-        """Add 16 kHz mono float samples."""
+        """Add 16 kHz mono float samples (copied: the caller may reuse its buffer)."""
         if self.ended:
             raise ValueError("audio pushed after the end of the stream")
-        self._audio = np.concatenate([self._audio, samples.astype(np.float32, copy=False)])
-        self.samples_received += len(samples)
-        # Frame t touches samples [t*hop - half, t*hop + half).
-        ready = (self.samples_received - self._x.half_window) // self._x.hop + 1
-        self._compute_until(max(ready, self._frames_done))
+        if len(samples):
+            self._pieces.append(samples.astype(np.float32))  # a copy, whatever the dtype
+            self.samples_received += len(samples)
 
     def end(self) -> None:
-        """No more audio: compute the last frames against the true end of the signal."""
-        if not self.ended:
-            self._compute_until(self.samples_received // self._x.hop + 1)
-            self.ended = True
-            self._audio = np.zeros(0, dtype=np.float32)
-
-    def _compute_until(self, total: int) -> None:
-        count = total - self._frames_done
-        if count <= 0 or self.samples_received == 0:
-            return
-        new = self._x.frames(self._audio, self._frames_done, count, self._audio_offset)
-        self._pending.append(new)
-        self._pending_frames += count
-        self._frames_done = total
-        # Keep only the samples later frames (and their lead frames) can touch.
-        keep_from = max(0, (self._frames_done - _LEAD_FRAMES) * self._x.hop)
-        keep_from = min(keep_from, self.samples_received)
-        self._audio = self._audio[keep_from - self._audio_offset :]
-        self._audio_offset = keep_from
+        """No more audio: the last frames are computed against the true end of the signal."""
+        self.ended = True
+        if self.finished():
+            self._pieces = []
 
     @property
     def total_frames(self) -> int:
-        return self._frames_done
+        """Frames whose samples have all arrived (at the end: every frame of the signal)."""
+        received, hop = self.samples_received, self._x.hop
+        if received == 0:
+            return 0
+        if self.ended:
+            return received // hop + 1
+        # Frame t touches samples [t*hop - half, t*hop + half).
+        return max(0, (received - self._x.half_window) // hop + 1)
+
+    def _pending_frames(self) -> int:
+        return self.total_frames - self._chunk_start
 
     def chunk_ready(self) -> bool:
         """A full chunk is buffered and known not to be the last, or the stream ended with a
         runnable remainder. (Whether a chunk is the last changes how the encoder treats it, so
         a full chunk waits for one frame beyond it.)"""
-        if self._pending_frames > self._layout.chunk_frames:
+        pending = self._pending_frames()
+        if pending > self._layout.chunk_frames:
             return True
         least = self._layout.first_min_frames if self.chunks_done == 0 else self._layout.min_frames
-        return self.ended and self._pending_frames >= least
+        return self.ended and pending >= least
 
     def finished(self) -> bool:
         """Ended, and nothing left that a model step would run."""
@@ -179,26 +196,84 @@ class StreamFeatures:
 
     def take_chunk(self) -> tuple[torch.Tensor, int, bool]:
         """The next chunk ``(n_mels, input_frames)`` zero-padded, its valid length, and whether
-        it is the stream's last (NeMo's ``is_buffer_empty``)."""
-        layout = self._layout
-        pending = torch.cat(self._pending, dim=1) if len(self._pending) > 1 else self._pending[0]
-        new = pending[:, : layout.chunk_frames]
-        rest = pending[:, layout.chunk_frames :]
-        self._pending = [rest] if rest.shape[1] else []
-        self._pending_frames = rest.shape[1]
-        chunk = torch.cat([self._pre_cache, new], dim=1)
-        length = chunk.shape[1]
-        if length < layout.input_frames:
-            chunk = torch.nn.functional.pad(chunk, (0, layout.input_frames - length))
-        # Left context of the next chunk: the last frames before its start.
-        self._pre_cache = torch.cat([self._pre_cache, new], dim=1)[:, -layout.pre_cache_frames :]
-        self._chunk_start += layout.chunk_frames
+        it is the stream's last (``take_chunks`` for this stream alone)."""
+        batch = take_chunks([self])
+        return batch.chunks[0], batch.host_lengths[0], batch.last[0]
+
+    def _next_span(self) -> tuple[np.ndarray, int]:
+        """The samples the next chunk's frames (and their lead frames) need, left-padded with
+        zeros to ``_LEAD_FRAMES`` lead frames, and the number of new frames."""
+        hop, first = self._x.hop, self._chunk_start
+        count = min(self._layout.chunk_frames, self._pending_frames())
+        lead = min(first, _LEAD_FRAMES)
+        start = (first - lead) * hop
+        stop = min(self.samples_received, (first + count - 1) * hop + self._x.half_window)
+        audio = self._audio()
+        span = audio[start - self._audio_offset : stop - self._audio_offset]
+        if lead < _LEAD_FRAMES:
+            span = np.concatenate([np.zeros((_LEAD_FRAMES - lead) * hop, np.float32), span])
+        return span, count
+
+    def _audio(self) -> np.ndarray:
+        if len(self._pieces) > 1:
+            self._pieces = [np.concatenate(self._pieces)]
+        return self._pieces[0] if self._pieces else np.zeros(0, np.float32)
+
+    def _advance(self, count: int, pre_cache: torch.Tensor) -> bool:
+        """The chunk of ``count`` new frames is taken: drop the audio no later frame (or its lead
+        frames) touches; return whether it was the stream's last."""
+        self._pre_cache = pre_cache
+        self._chunk_start += count
         self.chunks_done += 1
-        last = self.ended and self._chunk_start >= self._frames_done
-        return chunk, length, last
+        keep_from = min(
+            max(0, (self._chunk_start - _LEAD_FRAMES) * self._x.hop), self.samples_received
+        )
+        audio = self._audio()
+        self._pieces = [audio[keep_from - self._audio_offset :]]
+        self._audio_offset = keep_from
+        last = self.ended and self._chunk_start >= self.total_frames
+        if last:
+            self._pieces = []
+        return last
 
     def nbytes(self) -> int:
-        frames = sum(t.numel() * t.element_size() for t in self._pending)
-        return (
-            self._audio.nbytes + frames + self._pre_cache.numel() * self._pre_cache.element_size()
-        )
+        audio = sum(piece.nbytes for piece in self._pieces)
+        return audio + self._pre_cache.numel() * self._pre_cache.element_size()
+
+
+def take_chunks(streams: Sequence[StreamFeatures]) -> ChunkBatch:
+    """The next chunk of each stream (each must be ``chunk_ready()``), computed together: one
+    host→device copy and one preprocessor call for all of them.
+
+    Row ``i`` equals ``cat(pre_cache_i, new frames_i)`` zero-padded to ``input_frames``, as
+    NeMo's buffer cuts it. Every stream's state moves on to its next chunk.
+    """
+    extractor, layout = streams[0]._x, streams[0]._layout
+    spans, counts = zip(*(s._next_span() for s in streams), strict=True)
+    feats, samples = extractor.frames_batch(spans)
+    width = layout.chunk_frames
+    new = feats[:, :, _LEAD_FRAMES : _LEAD_FRAMES + width]
+    if new.shape[2] < width:  # every row is a short last chunk
+        new = torch.nn.functional.pad(new, (0, width - new.shape[2]))
+    # A span of n samples has frames 0 .. n // hop (the last one NeMo masks, in its whole-file
+    # pass too); frames past that (short last chunks) are padding: zero them.
+    valid = (torch.div(samples, extractor.hop, rounding_mode="floor") + 1 - _LEAD_FRAMES).clamp(
+        min=0, max=width
+    )
+    column = torch.arange(width, device=new.device)
+    new = new.masked_fill(column[None, None, :] >= valid[:, None, None], 0.0)
+    pre = torch.stack([s._pre_cache for s in streams])
+    chunks = torch.cat([pre, new], dim=2)
+    pre_frames = layout.pre_cache_frames
+    # The left context of each stream's next chunk: the last frames before its start (a short
+    # chunk is the stream's last, so what it leaves behind is never used).
+    next_pre = chunks[:, :, width:].clone()
+    last = [
+        s._advance(n, next_pre[i]) for i, (s, n) in enumerate(zip(streams, counts, strict=True))
+    ]
+    return ChunkBatch(
+        chunks=chunks,
+        lengths=valid + pre_frames,
+        host_lengths=[pre_frames + n for n in counts],
+        last=last,
+    )

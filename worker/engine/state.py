@@ -88,8 +88,13 @@ def new_diarizer_row(diar_model: torch.nn.Module, device: torch.device) -> Diari
         if getattr(state, name, None) is not None
     }
     # fifo_preds is rebuilt on every update; start it like the update leaves it.
-    tensors.setdefault("fifo_preds", torch.zeros(1, state.fifo.shape[1], n_spk, device=device))
-    return DiarizerRow(tensors=tensors, recent_preds=torch.zeros(0, n_spk, device=device))
+    dtype = state.fifo.dtype
+    tensors.setdefault(
+        "fifo_preds", torch.zeros(1, state.fifo.shape[1], n_spk, device=device, dtype=dtype)
+    )
+    return DiarizerRow(
+        tensors=tensors, recent_preds=torch.zeros(0, n_spk, device=device, dtype=dtype)
+    )
 
 
 def gather_diarizer(rows: list[DiarizerRow], state_type: type) -> Any:

@@ -189,6 +189,14 @@ def test_bad_audio_is_refused_and_the_stream_goes_on(tiny_models, samples) -> No
     assert engine.buffered_sec("a") == pytest.approx(0.2)
 
 
+def test_huge_but_finite_audio_is_not_bad_audio(tiny_models: LoadedModels) -> None:
+    """The finiteness check sums the samples first; a sum that overflows is not a bad sample."""
+    engine = StreamingEngine(tiny_models)
+    engine.add_stream("a")
+    engine.push_audio("a", np.full(320, 3e38, dtype=np.float32))
+    assert engine.buffered_sec("a") == pytest.approx(0.02)
+
+
 def test_buffer_full(tiny_models: LoadedModels) -> None:
     engine = StreamingEngine(tiny_models, EngineConfig(max_buffered_audio_sec=2.0))
     engine.add_stream("a")

@@ -17,7 +17,7 @@ import torch
 from nemo.collections.asr.parts.utils.streaming_utils import CacheAwareStreamingAudioBuffer
 
 from worker.engine.engine import StreamingEngine
-from worker.engine.features import ChunkLayout, FeatureExtractor, StreamFeatures
+from worker.engine.features import ChunkLayout, FeatureExtractor, StreamFeatures, take_chunks
 from worker.engine.models import LoadedModels
 
 HOP = 160  # 10 ms at 16 kHz
@@ -140,6 +140,66 @@ def test_incremental_chunks_equal_nemo_whole_file(
         assert not chunk[:, length:].any(), f"chunk {i}: padding beyond the valid length"
 
 
+def test_batched_chunks_of_streams_of_different_ages_equal_nemo(
+    tiny_models: LoadedModels, extractor: FeatureExtractor, layout: ChunkLayout
+) -> None:
+    """Streams of different lengths, started at different ticks and fed in different piece
+    sizes, have their chunks computed together (``take_chunks`` over every ready stream): each
+    stream's chunks still equal NeMo's whole-file chunks of that stream alone. The batches mix
+    first chunks (zero lead), later chunks and short last chunks."""
+    lengths = [5 * 16000 + 1234, samples_for_frames(113, 159), 3 * 16000 + 77, 9000, 7 * 16000]
+    sizes = [(320,), RAGGED_PIECES, (16000,), (640, 1), (5937, 320)]
+    audios = [signal(n, seed=k) for k, n in enumerate(lengths)]
+    feeds = [pieces(audio, size) for audio, size in zip(audios, sizes, strict=True)]
+    streams = [StreamFeatures(extractor, layout) for _ in audios]
+    got: list[list[tuple[torch.Tensor, int, bool]]] = [[] for _ in audios]
+    batch_kinds = []
+    for tick in range(100_000):
+        for k, stream in enumerate(streams):
+            if tick < 7 * k or stream.ended:
+                continue
+            piece = next(feeds[k], None)
+            if piece is None:
+                stream.end()
+            else:
+                stream.push(piece)
+        ready = [k for k, stream in enumerate(streams) if stream.chunk_ready()]
+        if ready:
+            kinds = {("first" if streams[k].chunks_done == 0 else "later") for k in ready}
+            batch = take_chunks([streams[k] for k in ready])
+            assert batch.lengths.tolist() == batch.host_lengths
+            for row, k in enumerate(ready):
+                length = batch.host_lengths[row]
+                got[k].append((batch.chunks[row], length, batch.last[row]))
+                if length < layout.input_frames:
+                    kinds.add("short")
+            batch_kinds.append((len(ready), kinds))
+        if all(stream.finished() for stream in streams):
+            break
+    assert any(n > 1 and {"first", "later"} <= kinds for n, kinds in batch_kinds)
+    assert any(n > 1 and "short" in kinds for n, kinds in batch_kinds)
+    for k, audio in enumerate(audios):
+        expected = nemo_chunks(tiny_models.asr, audio)
+        assert len(got[k]) == len(expected), f"stream {k}"
+        for i, ((chunk, length, last), (ref, ref_length, ref_last)) in enumerate(
+            zip(got[k], expected, strict=True)
+        ):
+            assert (length, last) == (ref_length, ref_last), f"stream {k} chunk {i}"
+            torch.testing.assert_close(chunk[:, :length], ref, rtol=0, atol=TOLERANCE)
+            assert not chunk[:, length:].any(), f"stream {k} chunk {i}: padding not zero"
+
+
+def test_push_only_buffers_audio(extractor: FeatureExtractor, layout: ChunkLayout, monkeypatch):
+    """Pushing never runs the preprocessor: features are computed when a step takes chunks."""
+    calls = []
+    monkeypatch.setattr(extractor, "frames_batch", lambda spans: calls.append(spans))
+    stream = StreamFeatures(extractor, layout)
+    for piece in pieces(signal(3 * 16000), (320,)):
+        stream.push(piece)
+    assert stream.chunk_ready()
+    assert calls == []
+
+
 def test_short_stream_runs_one_chunk_at_its_end(extractor: FeatureExtractor, layout: ChunkLayout):
     """Like NeMo's buffer, a call shorter than ``min_frames`` still gets its one first chunk."""
     stream = StreamFeatures(extractor, layout)
@@ -181,14 +241,13 @@ def test_push_after_end_is_refused(extractor: FeatureExtractor, layout: ChunkLay
 
 def test_memory_stays_bounded_over_a_long_signal(extractor, layout) -> None:
     """Five minutes in 0.37 s pieces, chunks taken as they become ready: the buffer never holds
-    more than a chunk plus one piece of frames, a few frames of audio and the pre-cache."""
+    more than the audio of a chunk with its lead frames and half a window, one piece, and the
+    pre-cache."""
     piece = 5937
     stream = StreamFeatures(extractor, layout)
     frame_bytes = extractor.n_mels * 4
-    piece_frames = piece // HOP + 1
-    bound = (layout.chunk_frames + piece_frames + layout.pre_cache_frames) * frame_bytes + (
-        piece + 4 * HOP + 2 * extractor.half_window
-    ) * 4
+    chunk_audio = (layout.chunk_frames + 2) * HOP + extractor.half_window  # 2 lead frames
+    bound = (chunk_audio + piece) * 4 + layout.pre_cache_frames * frame_bytes
     sizes = []
     base = signal(16000 * 30, seed=3)
     chunks = 0
