@@ -320,18 +320,38 @@ class StreamingEngine:
             elif stream.ended and stream.features.finished():
                 updates.append(self._finish(stream, audio_sec=0.0))
         if scheduled:
-            t0 = time.perf_counter()
-            batch = take_chunks([s.features for s in scheduled])
-            timing.features = time.perf_counter() - t0
-            rows = [
-                _Row(stream, batch.chunks[i], batch.host_lengths[i], batch.last[i])
-                for i, stream in enumerate(scheduled)
-            ]
-            updates.extend(self._run_rows(rows, timing, batch))
+            updates.extend(self._step_streams(scheduled, timing))
         timing.total = time.perf_counter() - started
         timing.streams = len(scheduled)
         self.last_timing = timing
         return updates
+
+    def _step_streams(self, scheduled: list[_Stream], timing: StepTiming) -> list[StreamUpdate]:
+        """The features of ``scheduled`` (one call), then their model step. A stream's state
+        moves on only once its features exist, so a failed features call is retried stream by
+        stream, and only the guilty stream fails."""
+        t0 = time.perf_counter()
+        try:
+            batch = take_chunks([s.features for s in scheduled])
+        except Exception as exc:
+            timing.features += time.perf_counter() - t0
+            if len(scheduled) == 1:
+                return [self._failed(scheduled[0], "features_failed", exc)]
+            log.warning("features of %d streams failed (%s); one by one", len(scheduled), exc)
+            return [u for s in scheduled for u in self._step_streams([s], timing)]
+        timing.features += time.perf_counter() - t0
+        rows = [
+            _Row(stream, batch.chunks[i], batch.host_lengths[i], batch.last[i])
+            for i, stream in enumerate(scheduled)
+        ]
+        return self._run_rows(rows, timing, batch)
+
+    def _failed(self, stream: _Stream, reason: str, exc: Exception) -> StreamUpdate:
+        log.warning("stream %s failed (%s): %s", stream.stream_id, reason, exc)
+        self._streams.pop(stream.stream_id, None)
+        return StreamUpdate(
+            stream.stream_id, error=StreamError(reason, f"{type(exc).__name__}: {exc}")
+        )
 
     def _run_rows(
         self, rows: list[_Row], timing: StepTiming, batch: ChunkBatch | None = None
@@ -342,11 +362,7 @@ class StreamingEngine:
             results = self._model_step(rows, timing, batch)
         except Exception as exc:
             if len(rows) == 1:
-                stream = rows[0].stream
-                log.warning("stream %s failed in a model step: %s", stream.stream_id, exc)
-                self._streams.pop(stream.stream_id, None)
-                err = StreamError("model_step_failed", f"{type(exc).__name__}: {exc}")
-                return [StreamUpdate(stream.stream_id, error=err)]
+                return [self._failed(rows[0].stream, "model_step_failed", exc)]
             log.warning("a batch of %d streams failed (%s); retrying one by one", len(rows), exc)
             out: list[StreamUpdate] = []
             for row in rows:

@@ -315,6 +315,42 @@ def test_a_broken_stream_fails_alone(tiny_models: LoadedModels, short_calls) -> 
         ]
 
 
+def test_a_stream_whose_features_fail_fails_alone(
+    tiny_models: LoadedModels, short_calls, monkeypatch
+) -> None:
+    """Features are computed for the whole step at once; a failure there is retried stream by
+    stream, from unchanged state, so the others' output is what it is without the guilty call."""
+    import worker.engine.engine as engine_module
+
+    others = {k: v for k, v in short_calls.items() if k != "transfer"}
+    clean = run_calls(tiny_models, others)
+    real = engine_module.take_chunks
+    calls_seen: list[int] = []
+
+    def take_chunks(streams):
+        calls_seen.append(len(streams))
+        if len(calls_seen) >= 3 and any(s is guilty for s in streams):
+            raise RuntimeError("preprocessor failed")
+        return real(streams)
+
+    guilty = None
+
+    def remember(engine: StreamingEngine, step: int) -> None:
+        nonlocal guilty
+        if step == 0:
+            guilty = engine._streams["transfer"].features
+
+    monkeypatch.setattr(engine_module, "take_chunks", take_chunks)
+    run = run_calls(tiny_models, short_calls, before_step=remember)
+    assert set(run.errors) == {"transfer"}
+    assert run.errors["transfer"].reason == "features_failed"
+    assert max(calls_seen) > 1 and 1 in calls_seen[2:], "a batch failed and was retried alone"
+    for name in others:
+        assert [segment_key(s) for s in run.finals(name)] == [
+            segment_key(s) for s in clean.finals(name)
+        ]
+
+
 @pytest.mark.parametrize("max_instances", [1, 256])
 def test_a_stream_failing_late_in_the_asr_step_fails_alone(
     tiny_models: LoadedModels, calls, max_instances: int
