@@ -1,14 +1,15 @@
-"""``python -m bench engine …`` or ``python -m bench loop …`` (each takes ``--help``)."""
+"""``python -m bench engine|loop|host-cost …`` (each takes ``--help``)."""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-USAGE = """usage: python -m bench {engine,loop} [options]
+USAGE = """usage: python -m bench {engine,loop,host-cost} [options]
 
-  engine   the streaming engine on random-weight models (python -m bench engine --help)
-  loop     the Kafka loop with a pass-through engine (python -m bench loop --help)
+  engine     the streaming engine on random-weight models (python -m bench engine --help)
+  loop       the Kafka loop with a pass-through engine (python -m bench loop --help)
+  host-cost  the engine's host and feature time per call-step, lockstep calls, 20 ms pushes
 """
 
 
@@ -24,6 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from bench import loop
 
         return loop.main(rest)
+    if command == "host-cost":
+        from bench import host_cost
+
+        return host_cost.main(rest)
     if command in {"-h", "--help"}:
         print(USAGE, end="")
         return 0

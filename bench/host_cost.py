@@ -1,6 +1,6 @@
 """Host cost of the engine per call-step, on the CPU with the tiny models (not a test).
 
-``python -m tests.engine_host_cost [--streams 64 256] [--steps 3]``
+``python -m bench host-cost [--streams 64 256] [--steps 3]``
 
 N calls push 20 ms records in lockstep and are stepped together (one step per 1.12 s chunk, all
 N streams in it), one torch thread. The model work is timed by wrapping NeMo's own entry points
@@ -111,11 +111,15 @@ def measure(models, audio: np.ndarray, n: int, steps: int) -> dict[str, float]:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--streams", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench host-cost", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--streams", type=int, nargs="+", default=[64, 256], help="numbers of calls (64 256)"
+    )
+    parser.add_argument("--steps", type=int, default=3, help="measured steps per N (3)")
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
     from nemo.utils import logging as nemo_logging
@@ -146,7 +150,8 @@ def main() -> None:
             f"({row['call_steps']} call-steps; load {load_before:.2f} -> {load_after:.2f})",
             flush=True,
         )
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
