@@ -250,6 +250,11 @@ def test_bad_input_is_dead_lettered_and_good_calls_complete(kafka_bootstrap, fp6
         ),
         # Poison records that once crashed the worker (issue 7):
         (b"bad-call", codec.encode(_replace(good, sequence=-1)), "invalid_sequence"),
+        (  # every event of the call would overflow an Avro long
+            b"bad-call",
+            codec.encode(_replace(good, capture_time_ms=2**63 - 1)),
+            "invalid_capture_time",
+        ),
         (  # near 1 MB: its dead letter must still fit under the producer's message size limit
             b"bad-call",
             codec.encode(_replace(good, payload=b"\x01" * 900_000)),

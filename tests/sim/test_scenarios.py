@@ -221,6 +221,47 @@ def test_a_consumer_fenced_again_and_again_stops_the_worker(engine_factory, clip
     assert audit(0, reference, faulted) == []
 
 
+def test_a_worker_stopped_by_an_error_commits_nothing_on_its_way_out(engine_factory, clip) -> None:
+    """An error out of the loop (a codec or registry failure, a bug) stops the worker; leaving
+    the group revokes its partitions, and a revocation used to checkpoint: the open
+    transaction (outputs the failed turn counted) and the offsets were committed on the way
+    out. Now nothing is; the next owner rebuilds from the last checkpoint."""
+    records = call_records("a", clip[: 20 * 16000]) + late_calls(60, clip)
+    _, reference = _run(records, engine_factory, faults=False)
+    seen: dict[str, object] = {}
+
+    def open_outputs(sim: Simulation) -> bool:
+        return len(sim.broker.committed_records("transcripts")) >= 2 and any(
+            w.worker.out.produced for w in sim._live()
+        )
+
+    def fail_and_run(sim: Simulation) -> None:
+        w = next(w for w in sim._live() if w.worker.out.produced)
+        seen["events"] = len(sim.broker.committed_records("transcripts"))
+        seen["offsets"] = [sim.broker.committed_offset("sim", INPUT, p) for p in range(PARTITIONS)]
+
+        def broken() -> None:
+            raise RuntimeError("injected: the loop failed")
+
+        w.worker.start = lambda: None  # already started
+        w.worker.run_once = broken
+        with pytest.raises(RuntimeError, match="injected"):
+            w.worker.run()
+        seen["events_after"] = len(sim.broker.committed_records("transcripts"))
+        seen["offsets_after"] = [
+            sim.broker.committed_offset("sim", INPUT, p) for p in range(PARTITIONS)
+        ]
+        w.alive = False
+        sim._start_worker()
+
+    script, fired = _when(open_outputs, fail_and_run)
+    _, faulted = _run(records, engine_factory, faults=False, script=script)
+    assert fired()
+    assert seen["events_after"] == seen["events"], "the failed worker committed its outputs"
+    assert seen["offsets_after"] == seen["offsets"], "the failed worker committed offsets"
+    assert audit(0, reference, faulted) == []
+
+
 def test_a_held_partition_resumes_after_an_abort(engine_factory, clip) -> None:
     """Issue 7.4: a rebuild used to leave partitions paused for good. One slot, two calls on
     two partitions: the second waits (held), then an abort rebuilds while it waits."""

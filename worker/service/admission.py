@@ -37,6 +37,11 @@ class Rejected:
     message: str
 
 
+# A chunk's capture time must be a date (up to 9999-12-31): events add seconds to it, and an
+# absurd one would overflow an Avro long in every event of the call.
+MAX_CAPTURE_TIME_MS = 253_402_300_799_999
+
+
 def inspect(
     key: bytes | None, value: bytes | None, codec: Codec[AudioChunk], limits: Limits
 ) -> AudioChunk | Rejected:
@@ -56,6 +61,11 @@ def inspect(
         )
     if chunk.sequence < 0:
         return Rejected("invalid_sequence", f"sequence {chunk.sequence} is negative")
+    if not 0 <= chunk.capture_time_ms <= MAX_CAPTURE_TIME_MS:
+        return Rejected(
+            "invalid_capture_time",
+            f"capture_time_ms {chunk.capture_time_ms} is not a time between 1970 and 9999",
+        )
     if len(chunk.payload) > limits.max_payload_bytes:
         return Rejected(
             "payload_too_large",

@@ -232,6 +232,11 @@ class Worker:
             while not self._stopping:
                 self.run_once()
             self._drain()
+        except BaseException:
+            # A fatal error: leave without committing (closing the consumer revokes, and a
+            # revocation checkpoints unless a rebuild is due); the next owner rebuilds.
+            self._need_rebuild = True
+            raise
         finally:
             self.close()
 
@@ -721,10 +726,11 @@ class Worker:
                 self._recovered(part)
             if not short:
                 return
+        value = self.events.encode(event)  # first: a failure must not count the event as made
         stream.events_emitted += 1
         stream.last_event_id = event.event_id
         stream.dirty = True
-        self.out.produce(self.cfg.output_topic, event.stream_id.encode(), self.events.encode(event))
+        self.out.produce(self.cfg.output_topic, event.stream_id.encode(), value)
         latency = None if latency_from_ms is None else (self.wall_ms() - latency_from_ms) / 1000
         self.metrics.on_event(str(event.kind), latency)
 

@@ -44,6 +44,8 @@ def _inspect(chunk: AudioChunk, key: bytes | None = b"call") -> AudioChunk | Rej
     ("change", "reason"),
     [
         ({"sequence": -1}, "invalid_sequence"),
+        ({"capture_time_ms": 2**63 - 1}, "invalid_capture_time"),  # overflowed every event
+        ({"capture_time_ms": -1}, "invalid_capture_time"),
         ({"payload": b"\0" * 64_002}, "payload_too_large"),
         ({"payload": b"\0" * 3}, "misaligned_payload"),
         ({"sample_rate_hz": 12_345}, "unsupported_sample_rate"),
