@@ -15,6 +15,8 @@ import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
+from confluent_kafka import KafkaException
+
 from producer_tools.producer import (
     DEFAULT_CHUNK_MS,
     DEFAULT_TOPIC,
@@ -22,7 +24,7 @@ from producer_tools.producer import (
     MIN_CHUNK_MS,
     ProducerError,
 )
-from schemas import WireFormat
+from schemas import CodecError, RegistryUnavailable, WireFormat
 from worker.audio import SUPPORTED_SAMPLE_RATES, Encoding
 
 DEFAULT_BOOTSTRAP = "127.0.0.1:9092"
@@ -707,8 +709,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ScoreError,
         SynthError,
         TailError,
+        CodecError,
+        RegistryUnavailable,
     ) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    except KafkaException as exc:  # one line, not a traceback
+        error = exc.args[0] if exc.args else exc
+        print(f"error: Kafka: {getattr(error, 'str', lambda: error)()}", file=sys.stderr)
         return EXIT_FAILED
     return EXIT_USAGE  # not reached: parser.error exits
 

@@ -1,10 +1,20 @@
 """Send many calls at once, each at the pace of a live call (or faster), and report progress.
 
-One thread sends every call's chunks in order of their due time: chunk ``k`` of a call that
-starts ``start_s`` into the run is due at ``(start_s + k * chunk_s) / speed`` seconds after the
-run begins. ``speed`` 1 is real time, 2 twice as fast, 0 as fast as Kafka takes them (starts
-still keep their order). The clock and the sleep are injected, so the schedule is tested without
-waiting.
+One thread sends every call's chunks in order of their due time. A live chunk exists only once
+its last sample has been captured, so chunk ``k`` of a call that starts ``start_s`` into the run
+is due when its audio ends: ``(start_s + (k + 1) * chunk_s) / speed`` seconds after the run
+begins. ``speed`` 1 is real time, 2 twice as fast, 0 as fast as Kafka takes them (starts still
+keep their order).
+
+Capture time: each chunk is stamped as a live chunk whose audio has just been captured, i.e.
+``capture_time_ms`` (its first sample) = the wall-clock time it is sent minus its audio
+duration. At ``speed`` 1 that is the call's start plus the audio before the chunk, as on a live
+call, so the worker's latency figures are true. At any other speed the stamp follows the same
+rule (send time minus audio duration) while the audio runs faster or slower than the wall
+clock: the worker's latency and event wall-clock times then do not describe a live call.
+
+The clocks (monotonic for the schedule, wall for the stamps) and the sleep are injected, so the
+schedule is tested without waiting.
 """
 
 from __future__ import annotations
@@ -35,9 +45,13 @@ class PacedCall:
     def duration_s(self) -> float:
         return self.frames.shape[0] / self.stream.sample_rate
 
+    def next_block(self) -> np.ndarray:
+        return self.frames[self.next_frame : self.next_frame + self.stream.chunk_frames]
+
     def due_s(self) -> float:
-        """Audio time of the next chunk, from the start of the run."""
-        return self.start_s + self.next_frame / self.stream.sample_rate
+        """Audio time at which the next chunk ends (it exists then), from the start of the run."""
+        end = self.next_frame + self.next_block().shape[0]
+        return self.start_s + end / self.stream.sample_rate
 
 
 @dataclass(frozen=True)
@@ -76,13 +90,14 @@ def run_paced(
     progress_sec: float = DEFAULT_PROGRESS_SEC,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    wall: Callable[[], float] = time.time,
 ) -> RunReport:
     """Send every call to its end (``end_of_stream`` on its last chunk); flush; report."""
     if speed < 0:
         raise ValueError(f"speed must be 0 (as fast as possible) or more, got {speed}")
     started = clock()
     next_progress = started + progress_sec
-    heap = [(call.start_s, i) for i, call in enumerate(calls)]
+    heap = [(call.due_s(), i) for i, call in enumerate(calls)]
     heapq.heapify(heap)
     chunks = 0
     open_calls: set[int] = set()
@@ -98,7 +113,8 @@ def run_paced(
         open_calls.add(i)
         max_concurrent = max(max_concurrent, len(open_calls))
         stream = call.stream
-        block = call.frames[call.next_frame : call.next_frame + stream.chunk_frames]
+        block = call.next_block()
+        stream.anchor(round((wall() - block.shape[0] / stream.sample_rate) * 1000))
         call.next_frame += block.shape[0]
         chunks += 1
         if call.next_frame >= call.frames.shape[0]:

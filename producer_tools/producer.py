@@ -13,11 +13,15 @@ Example::
     # Leaving the block flushes; a record Kafka did not take raises ProducerError.
 
 Each call is one stream: records keyed by its stream id (so a call stays on one partition, in
-order), ``sequence`` from 0, ``capture_time_ms`` from the stream's start time plus the audio
-sent before, and the last chunk flagged ``end_of_stream``. The Kafka producer is idempotent
-(``enable.idempotence``, ``acks=all``): a retried send never duplicates or reorders a call's
-chunks. With ``schema_registry_url`` the records are framed through the Schema Registry
-(``schemas/registry.py``); without, they are plain Avro, the worker's default.
+order), ``sequence`` from 0, ``capture_time_ms`` (the capture time of the chunk's first sample)
+from the stream's start time plus the audio sent before, and the last chunk flagged
+``end_of_stream``. A chunk's sequence number is used up once librdkafka has queued it: a
+delivery that fails later is reported once, as a ``ProducerError`` on the next send of the same
+stream (or by ``flush``), and the stream goes on with the next number, never re-sending one.
+The Kafka producer is idempotent (``enable.idempotence``, ``acks=all``): a retried send never
+duplicates or reorders a call's chunks. With ``schema_registry_url`` the records are framed
+through the Schema Registry (``schemas/registry.py``); without, plain
+Avro, the worker's default.
 
 Thread rule: an ``AudioStream`` belongs to one thread; the producer may be shared by streams on
 several threads (confluent-kafka's producer is thread safe, and so is the delivery bookkeeping).
@@ -25,6 +29,7 @@ several threads (confluent-kafka's producer is thread safe, and so is the delive
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from collections.abc import Mapping
@@ -43,11 +48,14 @@ from worker.audio import (
 )
 from worker.config import WorkerConfig
 
+_WORKER_DEFAULTS: Final = WorkerConfig()
+
 DEFAULT_TOPIC: Final = "call-audio"
 DEFAULT_CHUNK_MS: Final = 200
 MIN_CHUNK_MS: Final = 10
 MAX_CHUNK_MS: Final = 10_000  # the worker's default max_chunk_sec rejects longer chunks
-MAX_STREAM_ID_LENGTH: Final = 256  # the worker's default max_stream_id_length
+MAX_STREAM_ID_LENGTH: Final = _WORKER_DEFAULTS.max_stream_id_length
+MAX_PAYLOAD_BYTES: Final = _WORKER_DEFAULTS.max_payload_bytes  # the worker rejects larger chunks
 # How long a send waits for room in librdkafka's queue before giving up.
 DEFAULT_QUEUE_FULL_TIMEOUT_SEC: Final = 30.0
 DEFAULT_FLUSH_TIMEOUT_SEC: Final = 30.0
@@ -84,7 +92,7 @@ class AudioChunkProducer:
                 topic=topic,
                 wire_format=WireFormat(wire_format),
                 registry_url=schema_registry_url,
-                schema_id=WorkerConfig().schema_id_audio_chunk,  # the worker's id when hand-framed
+                schema_id=_WORKER_DEFAULTS.schema_id_audio_chunk,  # the worker's, hand-framed
             )
         except ValueError as exc:
             raise ProducerError(str(exc)) from exc
@@ -101,7 +109,7 @@ class AudioChunkProducer:
         self.chunk_ms = chunk_ms
         self.queue_full_timeout_sec = queue_full_timeout_sec
         self._lock = threading.Lock()
-        self._errors: list[str] = []
+        self._errors: dict[str, list[str]] = {}  # stream id → failed deliveries not yet raised
         self.delivered = 0  # records the broker acknowledged
 
     def open_stream(
@@ -143,7 +151,21 @@ class AudioChunkProducer:
             raise ProducerError(f"topic {self.topic!r} does not exist on {self.bootstrap_servers}")
 
     def send(self, chunk: AudioChunk) -> None:
-        """Publish one ready-made chunk, keyed by its stream id."""
+        """Publish one ready-made chunk, keyed by its stream id.
+
+        Raises ``ProducerError`` if Kafka did not take it, or (once each) for earlier chunks of
+        the same stream whose delivery failed.
+        """
+        self.queue(chunk)
+        self.raise_delivery_errors(chunk.stream_id)
+
+    def queue(self, chunk: AudioChunk) -> None:
+        """Hand one chunk to librdkafka; ``ProducerError`` if it was not taken (and only then)."""
+        if len(chunk.payload) > MAX_PAYLOAD_BYTES:
+            raise ProducerError(
+                f"{chunk.stream_id}: a payload of {len(chunk.payload)} bytes is over the worker's "
+                f"max_payload_bytes ({MAX_PAYLOAD_BYTES}): use shorter chunks"
+            )
         value = self._codec.encode(chunk)
         deadline = time.monotonic() + self.queue_full_timeout_sec
         while True:
@@ -152,7 +174,9 @@ class AudioChunkProducer:
                     self.topic,
                     key=chunk.stream_id.encode(),
                     value=value,
-                    on_delivery=self._on_delivery,
+                    on_delivery=functools.partial(
+                        self._on_delivery, chunk.stream_id, chunk.sequence
+                    ),
                 )
                 break
             except BufferError:
@@ -162,8 +186,12 @@ class AudioChunkProducer:
                         "is the broker reachable?"
                     ) from None
                 self._producer.poll(0.05)
+            except KafkaException as exc:  # e.g. over librdkafka's message.max.bytes
+                raise ProducerError(
+                    f"{chunk.stream_id}: Kafka refused chunk {chunk.sequence} "
+                    f"({len(value)} bytes): {exc.args[0] if exc.args else exc}"
+                ) from exc
         self._producer.poll(0)
-        self.raise_delivery_errors()
 
     def flush(self, timeout_sec: float = DEFAULT_FLUSH_TIMEOUT_SEC) -> None:
         """Wait until every record sent is delivered; raise ``ProducerError`` if any was not."""
@@ -175,21 +203,31 @@ class AudioChunkProducer:
                 "is the broker reachable?"
             )
 
-    def raise_delivery_errors(self) -> None:
-        """Raise ``ProducerError`` for the first failed delivery seen so far."""
+    def raise_delivery_errors(self, stream_id: str | None = None) -> None:
+        """Raise ``ProducerError`` for failed deliveries not yet reported (of ``stream_id`` only,
+        if given); each failure is reported once."""
         with self._lock:
-            if self._errors:
-                raise ProducerError(
-                    f"{len(self._errors)} record(s) failed to publish to {self.topic}: "
-                    f"{self._errors[0]}"
-                )
+            if stream_id is None:
+                failed, self._errors = self._errors, {}
+            else:
+                own = self._errors.pop(stream_id, None)
+                failed = {stream_id: own} if own else {}
+        if failed:
+            count = sum(len(errors) for errors in failed.values())
+            first_stream, errors = next(iter(failed.items()))
+            raise ProducerError(
+                f"{count} record(s) of {', '.join(failed)} failed to publish to {self.topic}: "
+                f"{first_stream}: {errors[0]}"
+            )
 
-    def _on_delivery(self, error: KafkaError | None, _message: object) -> None:
+    def _on_delivery(
+        self, stream_id: str, sequence: int, error: KafkaError | None, _message: object
+    ) -> None:
         with self._lock:
             if error is None:
                 self.delivered += 1
             else:
-                self._errors.append(str(error))
+                self._errors.setdefault(stream_id, []).append(f"chunk {sequence}: {error}")
 
     def close(self) -> None:
         """Flush; the producer holds no other resources."""
@@ -241,6 +279,14 @@ class AudioStream:
         self.channels = channels
         self.chunk_ms = chunk_ms
         self.chunk_frames = max(1, sample_rate * chunk_ms // 1000)
+        sample_bytes = BYTES_PER_SAMPLE[Encoding(self.encoding.value)]
+        chunk_bytes = self.chunk_frames * channels * sample_bytes
+        if chunk_bytes > MAX_PAYLOAD_BYTES:
+            raise ProducerError(
+                f"{chunk_ms} ms of {channels}-channel {self.encoding.value} at {sample_rate} Hz is "
+                f"{chunk_bytes} bytes, over the worker's max_payload_bytes ({MAX_PAYLOAD_BYTES}): "
+                "use shorter chunks"
+            )
         self.start_time_ms = start_time_ms
         self.metadata = metadata
         self.sequence = 0  # of the next chunk
@@ -257,8 +303,7 @@ class AudioStream:
         self._append(samples)
         sent = 0
         while self._pending.shape[0] >= self.chunk_frames:
-            self._send_frames(self._pending[: self.chunk_frames], end=False)
-            self._pending = self._pending[self.chunk_frames :]
+            self._send_frames(self._take(self.chunk_frames), end=False)
             sent += 1
         return sent
 
@@ -282,11 +327,14 @@ class AudioStream:
         else:
             self._check_open()
         while self._pending.shape[0] > self.chunk_frames:
-            self._send_frames(self._pending[: self.chunk_frames], end=False)
-            self._pending = self._pending[self.chunk_frames :]
-        self._send_frames(self._pending, end=True)  # may be empty: the schema allows it
-        self._pending = self._pending[:0]
-        self.ended = True
+            self._send_frames(self._take(self.chunk_frames), end=False)
+        self._send_frames(self._take(self.chunk_frames), end=True)  # may be empty: allowed
+
+    def _take(self, n_frames: int) -> np.ndarray:
+        """The first ``n_frames`` buffered, removed before they are sent: a send that raises
+        after queueing them must not leave them to be sent again."""
+        block, self._pending = self._pending[:n_frames], self._pending[n_frames:]
+        return block
 
     def _append(self, samples: np.ndarray) -> None:
         self._check_open()
@@ -309,7 +357,7 @@ class AudioStream:
 
     def _send(self, payload: bytes, n_frames: int, *, end: bool) -> None:
         offset_ms = round(self.frames_sent * 1000 / self.sample_rate)
-        self.producer.send(
+        self.producer.queue(
             AudioChunk(
                 stream_id=self.stream_id,
                 sequence=self.sequence,
@@ -322,8 +370,16 @@ class AudioStream:
                 metadata=self.metadata if self.sequence == 0 else {},
             )
         )
+        # Queued: this number is used. A delivery failure is reported, never re-sent under it.
         self.sequence += 1
         self.frames_sent += n_frames
+        self.ended = end
+        self.producer.raise_delivery_errors(self.stream_id)
+
+    def anchor(self, capture_time_ms: int) -> None:
+        """Make ``capture_time_ms`` the capture time of the next chunk; later ones follow it by
+        their audio. A paced sender anchors each chunk to the moment it sends it."""
+        self.start_time_ms = capture_time_ms - round(self.frames_sent * 1000 / self.sample_rate)
 
 
 def _check_chunk_ms(chunk_ms: int) -> None:

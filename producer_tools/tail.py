@@ -24,6 +24,7 @@ from schemas import CodecError, EventKind, TranscriptEvent, WireFormat, make_cod
 from worker.config import WorkerConfig
 
 POLL_SEC: Final = 0.2
+CATCH_UP_TIMEOUT_SEC: Final = 120.0  # joining the group and reading to the end, at most
 MAX_LIVE_LINES: Final = 20  # open partials shown at once; older ones wait off screen
 _COLOURS: Final = ("\x1b[36m", "\x1b[33m", "\x1b[35m", "\x1b[32m", "\x1b[34m", "\x1b[31m")
 _DIM: Final = "\x1b[2m"
@@ -50,7 +51,10 @@ def follow(
     """Committed events of ``topic`` (only ``stream_id``'s, if given), in partition order.
 
     Stops after ``stream_id``'s STREAM_END with ``stop_at_stream_end``, or when no event came
-    for ``idle_timeout_sec``; otherwise runs until the caller stops iterating. A record that does
+    for ``idle_timeout_sec``; otherwise runs until the caller stops iterating. The idle clock
+    starts only once the consumer has read to the end of every partition it was given: joining
+    the group and fetching may take long on a loaded machine, and that is not the topic being
+    quiet (``CATCH_UP_TIMEOUT_SEC`` bounds that wait). A record that does
     not decode is reported on ``warn`` and skipped.
     """
     if stop_at_stream_end and stream_id is None:
@@ -69,22 +73,48 @@ def follow(
             "enable.auto.commit": False,
             "isolation.level": "read_committed",
             "auto.offset.reset": "earliest" if from_beginning else "latest",
+            "enable.partition.eof": True,  # tells when the consumer has caught up
         }
     )
+    assigned: set[int] = set()
+    at_end: set[int] = set()
+
+    def on_assign(_consumer: object, partitions: list) -> None:
+        assigned.update(p.partition for p in partitions)
+
+    def on_revoke(_consumer: object, partitions: list) -> None:
+        assigned.difference_update(p.partition for p in partitions)
+
     try:
         metadata = consumer.list_topics(timeout=10)
         if topic not in metadata.topics:
             raise TailError(f"topic {topic!r} does not exist on {bootstrap_servers}")
-        consumer.subscribe([topic])  # a fresh group: auto.offset.reset picks the start
-        last_event = time.monotonic()
-        while idle_timeout_sec is None or time.monotonic() - last_event < idle_timeout_sec:
+        # A fresh group: auto.offset.reset picks the start.
+        consumer.subscribe([topic], on_assign=on_assign, on_revoke=on_revoke)
+        started = time.monotonic()
+        last_event: float | None = None  # the idle clock: set once caught up
+        while (
+            idle_timeout_sec is None
+            or last_event is None
+            or time.monotonic() - last_event < idle_timeout_sec
+        ):
+            waiting = idle_timeout_sec is not None and last_event is None
+            if waiting and time.monotonic() - started > CATCH_UP_TIMEOUT_SEC:
+                raise TailError(
+                    f"{topic}: not read to its end within {CATCH_UP_TIMEOUT_SEC:g} s "
+                    "(no partitions assigned, or a broker that does not answer)"
+                )
             msg = consumer.poll(POLL_SEC)
             if msg is None:
                 continue
             if msg.error():
                 if msg.error().code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition())
+                    if last_event is None and assigned and assigned <= at_end:
+                        last_event = time.monotonic()  # caught up: quiet from now on counts
                     continue
                 raise TailError(f"reading {topic}: {msg.error()}")
+            at_end.discard(msg.partition())
             if stream_id is not None and msg.key() != stream_id.encode():
                 continue
             try:
@@ -95,7 +125,8 @@ def follow(
                     file=warn,
                 )
                 continue
-            last_event = time.monotonic()
+            if last_event is not None:
+                last_event = time.monotonic()
             yield event
             if stop_at_stream_end and event.kind is EventKind.STREAM_END:
                 return

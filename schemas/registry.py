@@ -14,10 +14,14 @@ URLs usable across the worker and the tools of one process: confluent-kafka's
 with the same URL, do not see each other's schemas, and a mock registry is never shared between
 processes.
 
-Errors: bytes that do not decode, or name a schema id the registry does not know, raise
-``CodecError`` (the worker dead-letters the record). A registry that cannot be reached raises
-``RegistryUnavailable``, which is not a property of the record: the worker must not dead-letter
-on it, so it stops instead, without committing, and its restart retries.
+Errors: bytes that do not decode (trailing bytes included, as ``RecordCodec`` rules), a record
+that does not fit its schema, or a schema id the registry says it does not know (error code
+40403; any other 404 may be a proxy or a follower not yet replicated) raise ``CodecError`` (the
+worker dead-letters the record). A registry that cannot be reached, or answers with any other
+error, raises ``RegistryUnavailable``, which is not a property of the record: the worker must
+not dead-letter on it, so it stops instead, without committing, and its restart retries. Every
+request gives up after ``DEFAULT_REQUEST_TIMEOUT_SEC``, so a registry that never answers cannot
+block decoding forever.
 """
 
 from __future__ import annotations
@@ -26,10 +30,17 @@ import json
 import threading
 from collections.abc import Mapping
 from importlib import resources
-from typing import Any, Generic, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 from confluent_kafka.error import SerializationError
-from confluent_kafka.schema_registry import SchemaRegistryClient, SchemaRegistryError
+from confluent_kafka.schema_registry import (
+    SchemaRegistryClient,
+    SchemaRegistryError,
+    prefix_schema_id_deserializer,
+)
+from confluent_kafka.schema_registry._sync.mock_schema_registry_client import (
+    MockSchemaRegistryClient,
+)
 from confluent_kafka.schema_registry.avro import AvroDeserializer, AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
@@ -38,9 +49,10 @@ from schemas.codec import AvroRecord, CodecError, RegistryUnavailable
 R = TypeVar("R", bound=AvroRecord)
 
 REGISTRY_SCHEMES = ("http://", "https://", "mock://")
-_HTTP_NOT_FOUND = 404
+DEFAULT_REQUEST_TIMEOUT_SEC: Final = 10.0
+SCHEMA_NOT_FOUND: Final = 40403  # the registry's error code for an unknown schema id
 
-_clients: dict[str, SchemaRegistryClient] = {}
+_clients: dict[tuple[str, float], SchemaRegistryClient] = {}
 _clients_lock = threading.Lock()
 
 
@@ -53,15 +65,35 @@ def check_registry_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def registry_client(url: str) -> SchemaRegistryClient:
-    """The process's one client for ``url`` (``mock://…`` gives an in-memory registry)."""
+def registry_client(
+    url: str, timeout_sec: float = DEFAULT_REQUEST_TIMEOUT_SEC
+) -> SchemaRegistryClient:
+    """The process's one client for ``url`` (``mock://…`` gives an in-memory registry).
+
+    ``timeout_sec`` bounds each HTTP request (confluent-kafka's default is no limit at all).
+    """
     url = check_registry_url(url)
     with _clients_lock:
-        client = _clients.get(url)
+        client = _clients.get((url, timeout_sec))
         if client is None:
-            client = SchemaRegistryClient.new_client({"url": url})
-            _clients[url] = client
+            conf = {"url": url, "timeout": timeout_sec}
+            mock = url.startswith("mock://")
+            client = _MockRegistry(conf) if mock else SchemaRegistryClient(conf)
+            _clients[(url, timeout_sec)] = client
         return client
+
+
+class _MockRegistry(MockSchemaRegistryClient):
+    """confluent-kafka's in-memory registry, answering an unknown id as a real registry does.
+
+    The real ``GET /schemas/ids/{id}`` answers error code 40403; the mock says 40400.
+    """
+
+    def get_schema(self, schema_id: int, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().get_schema(schema_id, *args, **kwargs)
+        except SchemaRegistryError as exc:
+            raise SchemaRegistryError(404, SCHEMA_NOT_FOUND, exc.error_message) from None
 
 
 def schema_text(record_type: type[AvroRecord]) -> str:
@@ -107,8 +139,18 @@ class RegistryCodec(Generic[R]):
             conf={"auto.register.schemas": auto_register},
         )
         self._deserializer = AvroDeserializer(
-            client, current, from_dict=lambda data, _ctx: record_type.from_avro(data)
+            client,
+            current,
+            from_dict=lambda data, _ctx: record_type.from_avro(data),
+            conf={"schema.id.deserializer": self._payload_of},
         )
+        self._reading = threading.local()  # the payload being decoded, to find trailing bytes
+
+    def _payload_of(self, data: bytes, ctx: Any, schema_id: Any) -> Any:
+        """The framed record's Avro body, kept so that ``decode`` sees where reading stopped."""
+        payload = prefix_schema_id_deserializer(data, ctx, schema_id)
+        self._reading.payload = payload
+        return payload
 
     def encode(self, record: R) -> bytes:
         """The record framed with its writer schema's registry id (registered on first use)."""
@@ -123,7 +165,12 @@ class RegistryCodec(Generic[R]):
                 "invalid_record", f"cannot encode {self.record_type.__name__}: {exc}"
             ) from exc
         except Exception as exc:  # httpx's transport errors, without importing httpx
-            raise RegistryUnavailable(f"registering {self.subject}: {exc}") from exc
+            if _is_connection_error(exc):
+                raise RegistryUnavailable(f"registering {self.subject}: {exc}") from exc
+            raise CodecError(  # e.g. fastavro's error for a value out of a long's range
+                "invalid_record",
+                f"cannot encode {self.record_type.__name__}: {type(exc).__name__}: {exc}",
+            ) from exc
         if data is None:  # the serializer returns None for None only
             raise CodecError("invalid_record", f"cannot encode {record!r}")
         return data
@@ -137,10 +184,11 @@ class RegistryCodec(Generic[R]):
             raise CodecError(
                 "bad_magic_byte", f"registry framing starts with byte 0, got {data[0]}"
             )
+        self._reading.payload = None
         try:
-            return self._deserializer(data, self._ctx)
+            record = self._deserializer(data, self._ctx)
         except SchemaRegistryError as exc:
-            if exc.http_status_code == _HTTP_NOT_FOUND:
+            if exc.error_code == SCHEMA_NOT_FOUND:
                 raise CodecError(
                     "unknown_schema_id", f"the registry has no schema for this {name}: {exc}"
                 ) from exc
@@ -155,6 +203,14 @@ class RegistryCodec(Generic[R]):
             raise CodecError(
                 "undecodable_record", f"not a valid framed Avro {name}: {type(exc).__name__}: {exc}"
             ) from exc
+        payload = self._reading.payload
+        if payload is not None and payload.tell() != len(payload.getbuffer()):
+            raise CodecError(
+                "trailing_bytes",
+                f"framed Avro {name} ended at byte {5 + payload.tell()} of {len(data)}: "
+                "the value holds extra bytes",
+            )
+        return record
 
 
 def _is_connection_error(exc: BaseException) -> bool:

@@ -526,6 +526,9 @@ def test_kubernetes_worker_matches_the_config(kube: dict[tuple[str, str], dict[s
     (instance,) = [v for v in container["env"] if v["name"] == f"{ENV_PREFIX}INSTANCE_ID"]
     assert instance["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
     assert pod["terminationGracePeriodSeconds"] >= config.shutdown_grace_sec + 5
+    # Static membership pays only if a restarted pod (model load included) rejoins in time.
+    assert config.session_timeout_ms >= 120_000
+    assert "replicas" not in sts["spec"], "KEDA's ScaledObject owns the replica count"
     for key in ("requests", "limits"):
         assert container["resources"][key]["nvidia.com/gpu"] == 1
     (port,) = container["ports"]
@@ -681,6 +684,13 @@ def test_image_settings_and_healthcheck_match_the_config() -> None:
 
 
 def test_lock_pins_every_runtime_dependency_within_its_range() -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "lock_requirements", DEPLOY / "lock_requirements.py"
+    )
+    lock_requirements = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lock_requirements)
     pins = {}
     for line in LOCK.read_text().splitlines():
         if line and not line.startswith("#"):
@@ -695,3 +705,6 @@ def test_lock_pins_every_runtime_dependency_within_its_range() -> None:
         assert req.specifier.contains(pins[name], prereleases=True), (raw, pins[name])
     dev = {canonicalize_name(Requirement(r).name) for r in project["optional-dependencies"]["dev"]}
     assert dev & set(pins) == set(), "dev tools stay out of the image"
+    # The whole run-time closure (extras' requirements too, e.g. confluent-kafka[schemaregistry]
+    # needs authlib, cachetools…), as installed where the tests ran: else run `make lock`.
+    assert pins == lock_requirements.runtime_closure(), f"{LOCK.name} is stale: run make lock"

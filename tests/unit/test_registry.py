@@ -7,6 +7,10 @@ import struct
 import uuid
 
 import pytest
+from confluent_kafka.schema_registry import SchemaRegistryError
+from confluent_kafka.schema_registry._sync.mock_schema_registry_client import (
+    MockSchemaRegistryClient,
+)
 from confluent_kafka.schema_registry.avro import AvroSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
 
@@ -17,11 +21,17 @@ from schemas import (
     DeadLetter,
     EventKind,
     RecordCodec,
+    RegistryUnavailable,
     TranscriptEvent,
     Word,
     make_codec,
 )
-from schemas.registry import RegistryCodec, registry_client, subject_for
+from schemas.registry import (
+    DEFAULT_REQUEST_TIMEOUT_SEC,
+    RegistryCodec,
+    registry_client,
+    subject_for,
+)
 from tests.unit.test_schemas import OLDER_AUDIO_CHUNK
 from worker.config import ConfigError, load_config
 
@@ -168,3 +178,51 @@ def test_bad_registry_url_is_a_clear_error() -> None:
         load_config(environ={}, overrides={"schema_registry_url": "localhost:8081"})
     config = load_config(environ={"CALLSCRIBE_SCHEMA_REGISTRY_URL": "mock://x"})
     assert config.schema_registry_url == "mock://x"
+
+
+class _AnswersWith404(MockSchemaRegistryClient):
+    """A registry stub whose schema lookups all answer 404 with ``error_code``."""
+
+    def __init__(self, error_code: int) -> None:
+        super().__init__({"url": "mock://stub"})
+        self.error_code = error_code
+
+    def get_schema(self, *_args, **_kwargs):
+        raise SchemaRegistryError(404, self.error_code, "not found")
+
+
+def test_only_error_code_40403_means_an_unknown_schema_id() -> None:
+    data = make_codec(AudioChunk, topic="calls", registry_url=_url()).encode(_chunk())
+    with pytest.raises(CodecError) as caught:
+        RegistryCodec(AudioChunk, _AnswersWith404(40403), "calls").decode(data)
+    assert caught.value.reason == "unknown_schema_id"
+    # A proxy's 404 (no registry error code) or a subject/version 404: the registry is not
+    # answering about this id, so the record is not at fault: retry, never dead-letter.
+    for code in (-1, 40401, 40402):
+        with pytest.raises(RegistryUnavailable):
+            RegistryCodec(AudioChunk, _AnswersWith404(code), "calls").decode(data)
+
+
+def test_registry_requests_have_a_timeout() -> None:
+    client = registry_client("http://127.0.0.1:1")
+    assert client._rest_client.session.timeout.read == DEFAULT_REQUEST_TIMEOUT_SEC
+    assert registry_client("http://127.0.0.1:1", timeout_sec=2.5)._rest_client.timeout == 2.5
+
+
+def test_a_value_the_schema_cannot_hold_is_a_codec_error_not_an_outage() -> None:
+    codec = make_codec(AudioChunk, topic="calls", registry_url=_url())
+    with pytest.raises(CodecError) as caught:
+        codec.encode(_chunk(capture_time_ms=2**63))  # past Avro long
+    assert caught.value.reason == "invalid_record"
+
+
+def test_trailing_bytes_are_rejected_as_the_plain_codec_does() -> None:
+    codec = make_codec(AudioChunk, topic="calls", registry_url=_url())
+    data = codec.encode(_chunk())
+    assert codec.decode(data) == _chunk()
+    with pytest.raises(CodecError) as caught:
+        codec.decode(data + b"\x00")
+    assert caught.value.reason == "trailing_bytes"
+    with pytest.raises(CodecError) as caught:
+        RecordCodec(AudioChunk).decode(RecordCodec(AudioChunk).encode(_chunk()) + b"\x00")
+    assert caught.value.reason == "trailing_bytes"

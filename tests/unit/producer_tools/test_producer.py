@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from confluent_kafka import KafkaError, KafkaException
 
 from producer_tools import AudioChunkProducer, ProducerError
-from schemas import AudioChunk, AudioEncoding, RecordCodec
+from producer_tools.producer import MAX_PAYLOAD_BYTES
+from schemas import AudioChunk, AudioEncoding, CodecError, RecordCodec, RegistryUnavailable
 from worker.audio import decode_pcm
 
 
@@ -15,7 +17,7 @@ def sent(monkeypatch) -> tuple[AudioChunkProducer, list[AudioChunk]]:
     """A producer whose sends are recorded instead of published (no broker is contacted)."""
     producer = AudioChunkProducer("127.0.0.1:1", "audio", chunk_ms=100)
     chunks: list[AudioChunk] = []
-    monkeypatch.setattr(producer, "send", chunks.append)
+    monkeypatch.setattr(producer, "queue", chunks.append)
     return producer, chunks
 
 
@@ -120,3 +122,96 @@ def test_unreachable_broker_is_a_clear_error() -> None:
     producer = AudioChunkProducer("127.0.0.1:1")
     with pytest.raises(ProducerError, match="no answer from Kafka"):
         producer.check_topic(timeout_sec=0.5)
+
+
+class FakeKafkaProducer:
+    """confluent-kafka's Producer as far as AudioChunkProducer uses it: delivery reports come
+    on poll/flush; the deliveries named in ``fail`` fail, and ``refuse`` makes produce raise."""
+
+    def __init__(self, fail: set[tuple[bytes, int]] = frozenset(), refuse: bool = False) -> None:
+        self.fail = fail
+        self.refuse = refuse
+        self.log: list[AudioChunk] = []
+        self._pending: list = []
+        self._codec = RecordCodec(AudioChunk)
+
+    def produce(self, topic, key, value, on_delivery) -> None:
+        if self.refuse:
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE, "Message too large"))
+        chunk = self._codec.decode(value)
+        self.log.append(chunk)
+        failed = (key, chunk.sequence) in self.fail
+        error = KafkaError(KafkaError._MSG_TIMED_OUT, "timed out") if failed else None
+        self._pending.append((on_delivery, error))
+
+    def poll(self, _timeout: float = 0) -> int:
+        pending, self._pending = self._pending, []
+        for callback, error in pending:
+            callback(error, None)
+        return len(pending)
+
+    def flush(self, _timeout: float = 0) -> int:
+        self.poll()
+        return 0
+
+
+def test_a_failed_delivery_is_reported_once_to_its_stream_and_sequences_go_on() -> None:
+    producer = AudioChunkProducer("127.0.0.1:1", "audio", chunk_ms=100)
+    fake = FakeKafkaProducer(fail={(b"b", 1)})
+    producer._producer = fake
+    streams = {sid: producer.open_stream(sid, start_time_ms=0) for sid in "abc"}
+    errors = []
+    for _ in range(5):
+        for sid, stream in streams.items():
+            try:
+                stream.write(np.zeros(1600, dtype=np.float32))
+            except ProducerError as exc:
+                errors.append((sid, str(exc)))
+    producer.flush()  # reported already: not raised again
+    assert [sid for sid, _ in errors] == ["b"]  # once, on its own stream; a and c never see it
+    assert "chunk 1" in errors[0][1] and "b" in errors[0][1]
+    for sid in "abc":  # every chunk queued once, numbers 0..4: nothing re-sent under a number
+        assert [c.sequence for c in fake.log if c.stream_id == sid] == [0, 1, 2, 3, 4]
+        assert streams[sid].sequence == 5
+
+
+def test_kafka_refusing_a_chunk_is_a_producer_error_and_uses_no_number() -> None:
+    producer = AudioChunkProducer("127.0.0.1:1", "audio", chunk_ms=100)
+    producer._producer = FakeKafkaProducer(refuse=True)
+    stream = producer.open_stream("a", start_time_ms=0)
+    with pytest.raises(ProducerError, match="Kafka refused chunk 0"):
+        stream.write(np.zeros(1600, dtype=np.float32))
+    assert stream.sequence == 0
+
+
+def test_chunks_over_the_workers_payload_limit_are_refused_up_front() -> None:
+    producer = AudioChunkProducer("127.0.0.1:1", "audio", chunk_ms=10_000)
+    with pytest.raises(ProducerError, match="max_payload_bytes"):  # 1.92 MB per chunk
+        producer.open_stream("a", sample_rate=48_000, channels=2)
+    producer.open_stream("b", sample_rate=8000, encoding="PCM_MULAW")  # 80 kB: fine
+    small = AudioChunkProducer("127.0.0.1:1", "audio", chunk_ms=100)
+    small._producer = FakeKafkaProducer()
+    stream = small.open_stream("c", sample_rate=8000, encoding="PCM_MULAW")
+    with pytest.raises(ProducerError, match="max_payload_bytes"):
+        stream.write_encoded(b"\xd5" * (MAX_PAYLOAD_BYTES + 1))
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        RegistryUnavailable("registry at http://r:8081 did not answer"),
+        CodecError("invalid_record", "cannot encode AudioChunk"),
+        KafkaException(KafkaError(KafkaError._TRANSPORT, "broker down")),
+    ],
+    ids=lambda e: type(e).__name__,
+)
+def test_tools_report_run_time_errors_in_one_line(monkeypatch, capsys, error, tmp_path) -> None:
+    import producer_tools.__main__ as cli
+
+    def fail(_args):
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_conversation", fail)
+    assert cli.main(["conversation", "billing", str(tmp_path / "x.wav")]) == cli.EXIT_FAILED
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err

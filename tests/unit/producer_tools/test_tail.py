@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import types
 
+from confluent_kafka import KafkaError
+
+from producer_tools import tail
 from producer_tools.tail import JsonLines, LiveView, PlainLines
-from schemas import EventKind, TranscriptEvent, Word
+from schemas import EventKind, RecordCodec, TranscriptEvent, Word
 
 
 def _event(kind: EventKind, segment: int, text: str, speaker: str | None = "speaker_0"):
@@ -104,3 +108,63 @@ def test_live_view_colours_each_speaker() -> None:
     view.show(_event(F, 1, "b", speaker="speaker_1"))
     first, second = out.getvalue().splitlines()
     assert first[:5] != second[:5] and first.startswith("\x1b[")
+
+
+class _SlowJoinConsumer:
+    """A consumer that takes ``join_polls`` polls to be assigned partition 0, then returns the
+    scripted records and reports the partition's end; ``clock`` advances one second a poll."""
+
+    def __init__(self, clock: list[float], records: list[bytes], join_polls: int) -> None:
+        self.clock, self.records, self.join_polls = clock, list(records), join_polls
+
+    def list_topics(self, timeout: float):
+        return types.SimpleNamespace(topics={"t": None})
+
+    def subscribe(self, topics, on_assign, on_revoke) -> None:
+        self.on_assign = on_assign
+
+    def poll(self, timeout: float):
+        self.clock[0] += 1.0
+        self.join_polls -= 1
+        if self.join_polls > 0:
+            return None
+        if self.join_polls == 0:
+            self.on_assign(self, [types.SimpleNamespace(partition=0)])
+        if self.records:
+            return _Msg(None, self.records.pop(0))
+        return _Msg(KafkaError(KafkaError._PARTITION_EOF), None)
+
+    def close(self) -> None:
+        pass
+
+
+class _Msg:
+    def __init__(self, error, value) -> None:
+        self._error, self._value = error, value
+
+    def error(self):
+        return self._error
+
+    def value(self):
+        return self._value
+
+    def key(self):
+        return b"call-b"
+
+    def partition(self):
+        return 0
+
+
+def test_idle_time_counts_only_once_the_reader_has_caught_up(monkeypatch) -> None:
+    """A join slower than the idle timeout (a loaded machine) is not a quiet topic."""
+    clock = [0.0]
+    monkeypatch.setattr(tail.time, "monotonic", lambda: clock[0])
+    event = TranscriptEvent(
+        "e", "call-b", EventKind.FINAL, 0, 0, "speaker_0", 0.0, 1.0, 0, 0, "hi", (), 0, 0, "d", "a"
+    )
+    record = RecordCodec(TranscriptEvent).encode(event)
+    fake = _SlowJoinConsumer(clock, [record], join_polls=30)
+    monkeypatch.setattr(tail, "Consumer", lambda _config: fake)
+    got = list(tail.follow("b:9092", "t", stream_id="call-b", idle_timeout_sec=2.0))
+    assert got == [event]
+    assert clock[0] < 30 + 2 + 3  # and it did stop once quiet for 2 s after catching up
