@@ -334,10 +334,14 @@ def test_a_split_call_is_each_channel_as_its_own_mono_call(engine_factory, stere
         + call_records(calls["left"], stereo[:, 0].copy())
         + call_records(calls["right"], stereo[:, 1].copy())
         + call_records("only-1", stereo, start=0.5, metadata=one)
+        + call_records("bad-mode", stereo[:16000], start=1, metadata={"channel_mode": "both"})
         + late_calls(60, stereo[:, 0].copy())
     )
     _, result = _run(records, engine_factory, faults=False)
-    assert result.dead == []
+    # A mode the worker does not know refuses the call's first chunk, so the call never opens.
+    reasons = [reason for _, _, reason in result.dead]
+    assert reasons == ["unsupported_channel_mode"] + ["stream_not_open"] * 4
+    assert not [call for call in result.events if call.startswith("bad-mode@")]
     (only,) = [events for call, events in result.events.items() if call.startswith("only-1@")]
     assert {(e.channel, e.role) for e in only[:-1]} == {(1, "customer")}
     assert _as_heard(only) == _as_heard(result.events[f"{calls['right']}@0"])
