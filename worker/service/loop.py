@@ -66,7 +66,7 @@ from worker.config import DeliveryMode, GapPolicy, WorkerConfig
 from worker.engine.results import StreamError, StreamUpdate
 from worker.metrics import Health, Metrics
 from worker.service.admission import Limits, Placement, Rejected, chunk_seconds, inspect, place
-from worker.service.channels import plan_lanes
+from worker.service.channels import LanePlan, plan_lanes
 from worker.service.checkpoint import (
     Checkpoint,
     FatalConsumerError,
@@ -494,11 +494,14 @@ class Worker:
         """Decode a placed chunk and hand it (after any silence for a gap) to the engine."""
         if not stream.lanes:
             self._open_lanes(stream, chunk)
-        lanes = list(stream.lanes)
-        decoded = [lane.decoder.decode(chunk.payload) for lane in lanes if lane.decoder]
+        decoded = [
+            (lane, lane.decoder.decode(chunk.payload))
+            for lane in stream.lanes
+            if lane.decoder is not None
+        ]
         if missing:
             silence = missing * stream.last_chunk_samples * TARGET_SAMPLE_RATE
-            for lane in lanes:
+            for lane, _ in decoded:
                 zeros = np.zeros(silence // chunk.sample_rate_hz, np.float32)
                 self._push(stream, lane, zeros, -1)
         seconds = chunk_seconds(chunk)
@@ -511,7 +514,7 @@ class Worker:
             stream.capture_start_ms = chunk.capture_time_ms
         if not replaying:
             self.metrics.on_audio(seconds)
-        for lane, samples in zip(lanes, decoded, strict=True):
+        for lane, samples in decoded:
             self._push(stream, lane, samples, chunk.sequence)
 
     def _open_lanes(self, stream: OpenStream, chunk: AudioChunk | None) -> None:
@@ -525,9 +528,9 @@ class Worker:
                 plans = plan_lanes(
                     chunk.metadata, chunk.channels, self.cfg.channel_mode, self.cfg.channel_roles
                 )
-            except ValueError as exc:  # only if the settings changed since it was admitted
+            except ValueError as exc:  # admitted by a worker with other settings
                 log.warning("call %s: %s; mixing its channels", stream.stream_id, exc)
-                plans = plan_lanes({}, 1, "mix", "")
+                plans = (LanePlan("", None, None),)
             stream.lanes = [
                 Lane(
                     key + plan.suffix,
