@@ -25,7 +25,7 @@ _BYTES_PER_SAMPLE = {
 
 @dataclass(frozen=True)
 class CallAudio:
-    """A call to publish: mono float audio at ``sample_rate``."""
+    """A call to publish: float audio at ``sample_rate``, mono 1-D or ``(n, channels)``."""
 
     stream_id: str
     audio: np.ndarray
@@ -55,6 +55,7 @@ def to_chunks(
             sequence=seq,
             encoding=encoding,
             sample_rate_hz=rate,
+            channels=1 if audio.ndim == 1 else audio.shape[1],
             payload=encode_pcm(piece, encoding),
             capture_time_ms=start + seq * chunk_ms,
             end_of_stream=seq == len(pieces) - 1,

@@ -102,6 +102,8 @@ class TranscriptEvent:
     last_sequence: int
     diarizer_model: str
     asr_model: str
+    channel: int | None = None
+    role: str | None = None
 
     def to_avro(self) -> dict[str, Any]:
         return {
@@ -121,6 +123,8 @@ class TranscriptEvent:
             "last_sequence": self.last_sequence,
             "diarizer_model": self.diarizer_model,
             "asr_model": self.asr_model,
+            "channel": self.channel,
+            "role": self.role,
         }
 
     @classmethod
@@ -142,6 +146,8 @@ class TranscriptEvent:
             last_sequence=data["last_sequence"],
             diarizer_model=data["diarizer_model"],
             asr_model=data["asr_model"],
+            channel=data.get("channel"),
+            role=data.get("role"),
         )
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 from schemas import WireFormat
 from worker.engine.config import EngineConfig
+from worker.service.channels import parse_mode
 
 ENV_PREFIX = "CALLSCRIBE_"
 DEFAULT_DIARIZER = "nvidia/diar_streaming_sortformer_4spk-v2.1"
@@ -130,6 +131,21 @@ class WorkerConfig:
     float64: bool = field(
         default=False,
         metadata=_help("run the models in float64 (CPU tests); the same as dtype fp64"),
+    )
+    channel_mode: str = field(
+        default="mix",
+        metadata=_help(
+            "a call's channels when its first chunk's metadata has no channel_mode: mix "
+            "(averaged), split (each channel its own diarized stream: twice the model work) "
+            "or channel:N (one channel)"
+        ),
+    )
+    channel_roles: str = field(
+        default="",
+        metadata=_help(
+            "party names by channel for split and channel:N events, e.g. agent,customer, "
+            "when a call's metadata has no channel_roles"
+        ),
     )
     gap_policy: GapPolicy = field(
         default=GapPolicy.FILL_SILENCE,
@@ -334,6 +350,10 @@ class WorkerConfig:
                 "schema_registry_url must start with http://, https:// or mock://, got "
                 f"{self.schema_registry_url!r}"
             )
+        try:
+            parse_mode(self.channel_mode)
+        except ValueError as exc:
+            raise ConfigError(f"channel_mode: {exc}") from None
         topics = [self.input_topic, self.output_topic, self.dead_letter_topic, self.progress_topic]
         if len(set(topics)) != len(topics) or not all(topics):
             raise ConfigError(f"the four topics must be distinct and non-empty, got {topics}")

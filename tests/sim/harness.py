@@ -62,11 +62,16 @@ def call_records(
     chunk_ms: int = 200,
     burst: bool = False,
     end_of_stream: bool = True,
+    metadata: dict[str, str] | None = None,
 ) -> list[Published]:
-    """One call's records: at real-time pace from ``start``, or all at ``start`` (a backlog)."""
+    """One call's records: at real-time pace from ``start``, or all at ``start`` (a backlog).
+    ``clip`` is mono, or ``(n, channels)``; ``metadata`` goes on the first chunk."""
     codec = RecordCodec(AudioChunk)
     chunks = to_chunks(
-        CallAudio(sid, clip), chunk_ms=chunk_ms, start_ms=1_700_000_000_000 + int(start * 1000)
+        CallAudio(sid, clip),
+        chunk_ms=chunk_ms,
+        start_ms=1_700_000_000_000 + int(start * 1000),
+        metadata=metadata,
     )
     if not end_of_stream:  # the caller's producer died
         chunks[-1] = _replace(chunks[-1], end_of_stream=False)

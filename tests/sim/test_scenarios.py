@@ -343,3 +343,87 @@ def test_a_call_whose_start_is_past_retention_ends_with_a_dead_letter(engine_fac
     ]
     assert EventKind.STREAM_END not in kinds and len(kinds) >= 2
     assert partition < PARTITIONS
+
+
+# -- channel modes (issue 11) ------------------------------------------------------------------
+
+SPLIT = {"channel_mode": "split", "channel_roles": "agent,customer"}
+
+
+@pytest.fixture(scope="module")
+def stereo() -> np.ndarray:
+    """A two-voice canned conversation with one voice per channel: ``(n, 2)``."""
+    from producer_tools.conversation import default_conversations
+
+    talk = next(c for c in default_conversations().values() if c.tracks.shape[0] == 2)
+    return np.ascontiguousarray(talk.tracks.T)
+
+
+def _as_heard(events) -> list[tuple]:
+    """What a channel's events say, without what the call's numbering adds (ids, indexes)."""
+    return [(e.kind, e.revision, e.speaker, e.start_s, e.end_s, e.text, e.words) for e in events]
+
+
+def test_a_split_call_is_each_channel_as_its_own_mono_call(engine_factory, stereo) -> None:
+    """Issue 11: in split mode each channel is its own diarized stream, its events tagged with
+    the channel and role; a channel's events equal that channel sent as a mono call. In
+    channel:N mode only channel N is heard."""
+    calls = {name: _id_on(p) for name, p in (("split", 0), ("left", 1), ("right", 2))}
+    one = {"channel_mode": "channel:1", "channel_roles": "agent,customer"}
+    records = (
+        call_records(calls["split"], stereo, metadata=SPLIT)
+        + call_records(calls["left"], stereo[:, 0].copy())
+        + call_records(calls["right"], stereo[:, 1].copy())
+        + call_records("only-1", stereo, start=0.5, metadata=one)
+        + call_records("bad-mode", stereo[:16000], start=1, metadata={"channel_mode": "both"})
+        + late_calls(60, stereo[:, 0].copy())
+    )
+    _, result = _run(records, engine_factory, faults=False)
+    # A mode the worker does not know refuses the call's first chunk, so the call never opens.
+    reasons = [reason for _, _, reason in result.dead]
+    assert reasons == ["unsupported_channel_mode"] + ["stream_not_open"] * 4
+    assert not [call for call in result.events if call.startswith("bad-mode@")]
+    (only,) = [events for call, events in result.events.items() if call.startswith("only-1@")]
+    assert {(e.channel, e.role) for e in only[:-1]} == {(1, "customer")}
+    assert _as_heard(only) == _as_heard(result.events[f"{calls['right']}@0"])
+    split = result.events[f"{calls['split']}@0"]
+    assert [e.kind for e in split].count(EventKind.STREAM_END) == 1
+    assert split[-1].kind == EventKind.STREAM_END and split[-1].channel is None
+    body = split[:-1]
+    assert {(e.channel, e.role) for e in body} == {(0, "agent"), (1, "customer")}
+    for channel, mono in ((0, "left"), (1, "right")):
+        alone = result.events[f"{calls[mono]}@0"]
+        assert all(e.channel is None and e.role is None for e in alone)
+        assert _as_heard([e for e in body if e.channel == channel]) == _as_heard(alone[:-1])
+    # One transcript: segment indexes numbered across the call, each opened once, in order.
+    firsts = [e.segment_index for e in body if e.revision == 0]
+    assert firsts == list(range(len(firsts))) and split[-1].segment_index == len(firsts)
+    assert len({e.event_id for e in split}) == len(split)
+
+
+def test_a_worker_killed_mid_split_call_is_replaced_exactly(engine_factory, stereo) -> None:
+    """Issue 11: a split call's lanes are rebuilt on replay like calls; the output of a kill
+    mid-call equals an uninterrupted run's."""
+    records = (
+        call_records("duo", np.tile(stereo, (2, 1)), metadata=SPLIT)
+        + call_records("solo", stereo[:, 0].copy(), start=1)
+        + late_calls(60, stereo[:, 0].copy())
+    )
+    _, reference = _run(records, engine_factory, faults=False)
+    assert any(e.channel == 1 for e in reference.events["duo@0"])
+
+    def mid_call_with_open_transaction(sim: Simulation) -> bool:
+        committed = [r for r in sim.broker.committed_records("transcripts") if r.key == b"duo"]
+        return len(committed) >= 3 and any(w.worker.out.produced for w in sim._live())
+
+    def kill_it(sim: Simulation) -> None:
+        victim = next(w for w in sim._live() if w.worker.out.produced)
+        sim.kill(victim)
+        sim._start_worker()
+
+    script, fired = _when(mid_call_with_open_transaction, kill_it)
+    sim, faulted = _run(records, engine_factory, faults=False, workers=2, script=script)
+    assert fired()
+    assert audit(0, reference, faulted) == []
+    replays = sum(w.worker.metrics.replayed._value.get() for w in sim.workers)
+    assert replays > 0, "no call was rebuilt: the kill did not land mid-call"

@@ -85,6 +85,7 @@ RECORDS = [
     _chunk(payload=b"", end_of_stream=True, metadata={}),
     _event(),
     dataclasses.replace(_event(), kind=EventKind.STREAM_END, speaker=None, text="", words=()),
+    dataclasses.replace(_event(), channel=1, role="customer"),
     _dead_letter(),
     DeadLetter("undecodable_record", "x", "audio", 0, 0, 0),
 ]
@@ -252,3 +253,13 @@ def test_encoding_a_wrong_type_is_a_codec_error() -> None:
 def test_out_of_range_schema_id_is_rejected() -> None:
     with pytest.raises(ValueError, match="4 unsigned bytes"):
         RecordCodec(AudioChunk, WireFormat.CONFLUENT, schema_id=2**32)
+
+
+def test_an_event_from_before_channels_reads_with_no_channel_and_role() -> None:
+    """channel and role were added with null defaults (BACKWARD): older events still read."""
+    schema = json.loads((resources.files("schemas") / "transcript_event.avsc").read_text())
+    schema["fields"] = [f for f in schema["fields"] if f["name"] not in ("channel", "role")]
+    record = _event().to_avro()
+    del record["channel"], record["role"]
+    codec = RecordCodec(TranscriptEvent, writer_schema=schema)
+    assert codec.decode(_write_with(schema, record)) == _event()

@@ -1,7 +1,9 @@
 """Output records built from engine updates and rejected inputs: pure functions of their inputs.
 
 Speakers are labelled by first appearance within the call (``speaker_0`` is the first voice
-heard), not by the diarizer's slot, as the schema promises. A dead letter keeps the original
+heard), not by the diarizer's slot, as the schema promises; in ``split`` mode within each
+channel, whose events also carry the channel, its role, and a segment index numbered across the
+call in the order the merged transcript opens segments. A dead letter keeps the original
 record unless it is larger than the configured cap; then it keeps the first bytes and says how
 large the original was and its SHA-256, so a dead letter can always be produced.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 from schemas import DeadLetter, EventKind, TranscriptEvent, Word, make_event_id
 from worker.engine.results import SequenceSpan
 from worker.engine.transcript import SegmentUpdate
-from worker.service.streams import OpenStream
+from worker.service.streams import Lane, OpenStream
 
 
 @dataclass(frozen=True)
@@ -23,29 +25,42 @@ class ModelNames:
     asr: str
 
 
-def speaker_label(stream: OpenStream, slot: str | None) -> str | None:
-    """The call's label for a diarizer slot: numbered in order of first appearance."""
+def speaker_label(lane: Lane, slot: str | None) -> str | None:
+    """The lane's label for a diarizer slot: numbered in order of first appearance."""
     if slot is None:
         return None
-    label = stream.speakers.get(slot)
+    label = lane.speakers.get(slot)
     if label is None:
-        label = stream.speakers[slot] = f"speaker_{len(stream.speakers)}"
+        label = lane.speakers[slot] = f"speaker_{len(lane.speakers)}"
     return label
 
 
+def call_segment(stream: OpenStream, lane: Lane, index: int) -> int:
+    """The call's index of a lane's segment: the lane's own when it is the call's only one."""
+    if len(stream.lanes) == 1:
+        return index
+    found = lane.segments.get(index)
+    if found is None:
+        found = lane.segments[index] = sum(len(other.segments) for other in stream.lanes)
+    return found
+
+
 def segment_event(
-    stream: OpenStream, segment: SegmentUpdate, span: SequenceSpan, models: ModelNames
+    stream: OpenStream,
+    lane: Lane,
+    segment: SegmentUpdate,
+    span: SequenceSpan,
+    models: ModelNames,
 ) -> TranscriptEvent:
     """A PARTIAL or FINAL revision of one segment."""
+    index = call_segment(stream, lane, segment.segment_index)
     return TranscriptEvent(
-        event_id=make_event_id(
-            stream.stream_id, segment.segment_index, segment.revision, call=stream.first_offset
-        ),
+        event_id=make_event_id(stream.stream_id, index, segment.revision, call=stream.first_offset),
         stream_id=stream.stream_id,
         kind=EventKind.FINAL if segment.final else EventKind.PARTIAL,
-        segment_index=segment.segment_index,
+        segment_index=index,
         revision=segment.revision,
-        speaker=speaker_label(stream, segment.speaker),
+        speaker=speaker_label(lane, segment.speaker),
         start_s=segment.start_s,
         end_s=segment.end_s,
         start_time_ms=stream.capture_start_ms + round(segment.start_s * 1000),
@@ -56,6 +71,8 @@ def segment_event(
         last_sequence=span.last,
         diarizer_model=models.diarizer,
         asr_model=models.asr,
+        channel=lane.channel,
+        role=lane.role,
     )
 
 

@@ -16,7 +16,9 @@ In ``exactly_once`` mode outputs, progress and offsets are one transaction (``ch
 Output is a function of the input records alone. A call's events depend only on its own
 records: the engine steps a call one fixed-size chunk at a time, and a call that has ended is
 told so only once none of its full chunks is waiting, so the same records give the same
-events however they were batched. Idle ends run on event time (record timestamps of the
+events however they were batched. A call in ``split`` channel mode is one engine stream per
+channel (``channels.py``), each ended by the same rule, their updates merged in a fixed turn
+(``streams.py``): the same holds. Idle ends run on event time (record timestamps of the
 partition); only a partition with no record at all for ``idle_timeout_sec`` ends its calls on
 the wall clock, and that decision is committed with its effects. Pausing (a full worker, a
 call far ahead of the engine) changes timing, never output.
@@ -64,6 +66,7 @@ from worker.config import DeliveryMode, GapPolicy, WorkerConfig
 from worker.engine.results import StreamError, StreamUpdate
 from worker.metrics import Health, Metrics
 from worker.service.admission import Limits, Placement, Rejected, chunk_seconds, inspect, place
+from worker.service.channels import LanePlan, plan_lanes
 from worker.service.checkpoint import (
     Checkpoint,
     FatalConsumerError,
@@ -80,7 +83,7 @@ from worker.service.recovery import (
     progress_key,
     progress_partition,
 )
-from worker.service.streams import NO_END, OpenStream, PartitionStreams, Replay
+from worker.service.streams import NO_END, Lane, OpenStream, PartitionStreams, Replay
 
 __all__ = ["Engine", "FatalWorkerError", "ModelNames", "Worker"]
 
@@ -443,11 +446,18 @@ class Worker:
             self._advance(partition, offset)
             return
         if stream is None:
+            try:
+                plan_lanes(
+                    chunk.metadata, chunk.channels, self.cfg.channel_mode, self.cfg.channel_roles
+                )
+            except ValueError as exc:
+                self._reject(message, Rejected("unsupported_channel_mode", str(exc)))
+                return
             if len(self.by_key) >= self.cfg.max_streams and not self._admit_over_limit(partition):
                 self._hold(partition, offset, None)
                 return
             stream = self._open(part, chunk, offset)
-        elif self.engine.buffered_sec(stream.engine_key) > self.cfg.max_stream_buffered_sec:
+        elif self._buffered_sec(stream) > self.cfg.max_stream_buffered_sec:
             self._hold(partition, offset, stream.engine_key)  # the call is far ahead: wait
             return
         if placed.placement is Placement.GAP:
@@ -487,12 +497,18 @@ class Worker:
         replaying: bool,
     ) -> None:
         """Decode a placed chunk and hand it (after any silence for a gap) to the engine."""
-        if stream.decoder is None:
-            stream.decoder = AudioDecoder(chunk.encoding, chunk.sample_rate_hz, chunk.channels)
-        samples = stream.decoder.decode(chunk.payload)
+        if not stream.lanes:
+            self._open_lanes(stream, chunk)
+        decoded = [
+            (lane, lane.decoder.decode(chunk.payload))
+            for lane in stream.lanes
+            if lane.decoder is not None
+        ]
         if missing:
             silence = missing * stream.last_chunk_samples * TARGET_SAMPLE_RATE
-            self._push(part, stream, np.zeros(silence // chunk.sample_rate_hz, np.float32), -1)
+            for lane, _ in decoded:
+                zeros = np.zeros(silence // chunk.sample_rate_hz, np.float32)
+                self._push(stream, lane, zeros, -1)
         seconds = chunk_seconds(chunk)
         stream.next_sequence = chunk.sequence + 1
         stream.last_chunk_samples = round(seconds * chunk.sample_rate_hz)
@@ -503,7 +519,51 @@ class Worker:
             stream.capture_start_ms = chunk.capture_time_ms
         if not replaying:
             self.metrics.on_audio(seconds)
-        self._push(part, stream, samples, chunk.sequence)
+        for lane, samples in decoded:
+            self._push(stream, lane, samples, chunk.sequence)
+
+    def _open_lanes(self, stream: OpenStream, chunk: AudioChunk | None) -> None:
+        """The call's engine streams, from its first chunk (see ``channels.py``); a call that
+        ends before taking one (``chunk`` None) gets one with no audio, to end through."""
+        key = stream.engine_key
+        if chunk is None:
+            stream.lanes = [Lane(key, None)]
+        else:
+            try:
+                plans = plan_lanes(
+                    chunk.metadata, chunk.channels, self.cfg.channel_mode, self.cfg.channel_roles
+                )
+            except ValueError as exc:  # admitted by a worker with other settings
+                log.warning("call %s: %s; mixing its channels", stream.stream_id, exc)
+                plans = (LanePlan("", None, None),)
+            stream.lanes = [
+                Lane(
+                    key + plan.suffix,
+                    AudioDecoder(
+                        chunk.encoding, chunk.sample_rate_hz, chunk.channels, plan.channel
+                    ),
+                    plan.channel,
+                    plan.role,
+                )
+                for plan in plans
+            ]
+        for lane in stream.lanes:
+            self.engine.add_stream(lane.engine_key)
+
+    def _buffered_sec(self, stream: OpenStream) -> float:
+        """Audio of the call the engine has not stepped yet (its furthest-behind lane)."""
+        return max((self.engine.buffered_sec(lane.engine_key) for lane in stream.lanes), default=0)
+
+    def _lane(self, engine_key: str) -> tuple[OpenStream, Lane] | None:
+        """The call and lane of an engine stream. A lane's key is its call's, or in split mode
+        the call's plus ``#<channel>`` (a suffix with no ``#`` in it)."""
+        stream = self.by_key.get(engine_key)
+        if stream is None and "#" in engine_key:
+            stream = self.by_key.get(engine_key.rsplit("#", 1)[0])
+        if stream is None:
+            return None
+        lane = next((lane for lane in stream.lanes if lane.engine_key == engine_key), None)
+        return None if lane is None else (stream, lane)
 
     def _replay(self, part: PartitionStreams, message: Any) -> None:
         """A record below the committed offset: re-feed it to the open call it belongs to,
@@ -513,7 +573,7 @@ class Worker:
         stream = part.live.get(key.decode("utf-8", errors="replace")) if key else None
         if stream is None or offset < stream.first_offset:
             return
-        if self.engine.buffered_sec(stream.engine_key) > self.cfg.max_stream_buffered_sec:
+        if self._buffered_sec(stream) > self.cfg.max_stream_buffered_sec:
             self._hold(part.partition, offset, stream.engine_key)  # replay at engine speed
             return
         self.metrics.on_replayed()
@@ -536,13 +596,11 @@ class Worker:
         if offset + 1 > self.positions.get(partition, -1):
             self.positions[partition] = offset + 1
 
-    def _push(
-        self, part: PartitionStreams, stream: OpenStream, samples: np.ndarray, seq: int
-    ) -> None:
-        if not len(samples):
-            return
+    def _push(self, stream: OpenStream, lane: Lane, samples: np.ndarray, seq: int) -> None:
+        if not len(samples) or self.by_key.get(stream.engine_key) is not stream:
+            return  # nothing to push, or another lane of the call failed it
         try:
-            self.engine.push_audio(stream.engine_key, samples, seq)
+            self.engine.push_audio(lane.engine_key, samples, seq)
         except StreamError as exc:
             self._fail(stream, exc)
 
@@ -550,7 +608,6 @@ class Worker:
         stream = OpenStream(chunk.stream_id, part.partition, first_offset=offset)
         part.live[chunk.stream_id] = stream
         self.by_key[stream.engine_key] = stream
-        self.engine.add_stream(stream.engine_key)
         self.metrics.on_streams(len(self.by_key))
         return stream
 
@@ -563,18 +620,23 @@ class Worker:
         part.finishing[stream.engine_key] = stream
         stream.end_at = end_at
         stream.dirty = True
-        if stream.decoder is not None:
-            self._push(part, stream, stream.decoder.flush(), stream.next_sequence - 1)
+        if not stream.lanes:
+            self._open_lanes(stream, None)
+        for lane in list(stream.lanes):
+            if lane.decoder is not None:
+                self._push(stream, lane, lane.decoder.flush(), stream.next_sequence - 1)
 
     def _end_drained_calls(self) -> None:
         """Tell the engine a finishing call has ended once none of its full chunks waits: a
         call then finishes the same way however its records were batched."""
         ready = set(self.engine.ready_streams())
         for part in self.parts.values():
-            for key, stream in part.finishing.items():
-                if not stream.end_pushed and key not in ready and self.engine.has_stream(key):
-                    self.engine.end_stream(key)
-                    stream.end_pushed = True
+            for stream in part.finishing.values():
+                for lane in stream.lanes:
+                    key = lane.engine_key
+                    if not lane.end_pushed and key not in ready and self.engine.has_stream(key):
+                        self.engine.end_stream(key)
+                        lane.end_pushed = True
 
     def _end_idle_calls(self, part: PartitionStreams, offset: int, current: str) -> None:
         """Event time: end calls whose last record is ``idle_timeout_sec`` older than the
@@ -645,7 +707,8 @@ class Worker:
     def _fail(self, stream: OpenStream, error: StreamError) -> None:
         """The engine gave up on a call (a model error): end it where it is."""
         log.warning("call %s failed: %s (%s)", stream.stream_id, error.message, error.reason)
-        self.engine.drop_stream(stream.engine_key)
+        for lane in stream.lanes:
+            self.engine.drop_stream(lane.engine_key)
         source = Source(self.cfg.input_topic, stream.partition, stream.first_offset, None, None)
         self._produce_dead_letter(source, "stream_failed", f"{error.reason}: {error.message}")
         # Readers waiting for the call's end get it: the dead letter says why it came early.
@@ -680,23 +743,26 @@ class Worker:
         if self.device_memory is not None:
             self.metrics.on_gpu_memory(self.device_memory())
         for update in result:
-            stream = self.by_key.get(update.stream_id)
-            if stream is not None:
-                self._apply(stream, update)
+            found = self._lane(update.stream_id)
+            if found is not None:
+                self._apply(*found, update)
 
-    def _apply(self, stream: OpenStream, update: StreamUpdate) -> None:
+    def _apply(self, stream: OpenStream, lane: Lane, update: StreamUpdate) -> None:
+        """Merge a lane's update into its call's transcript (``streams.py``) and emit."""
+        if self.by_key.get(stream.engine_key) is not stream:
+            return  # another lane of the call failed it in this step
         if update.error is not None:
             self._fail(stream, update.error)
             return
-        for segment, span in update.segments:
-            stream.segments = max(stream.segments, segment.segment_index + 1)
-            event = segment_event(stream, segment, span, self.models)
-            self._emit(stream, event, latency_from_ms=event.end_time_ms)
-        if update.ended:
+        lane.pending.append(update)
+        for turn, merged in stream.merged():
+            for segment, span in merged.segments:
+                event = segment_event(stream, turn, segment, span, self.models)
+                stream.segments = max(stream.segments, event.segment_index + 1)
+                self._emit(stream, event, latency_from_ms=event.end_time_ms)
+        if all(lane.done for lane in stream.lanes):
             self._emit(stream, end_event(stream, self.models), latency_from_ms=None)
             self._forget(stream)
-        elif update.segments:
-            stream.dirty = True
 
     def _emit(
         self, stream: OpenStream, event: TranscriptEvent, latency_from_ms: int | None
@@ -942,8 +1008,7 @@ class Worker:
                 part.waiting.setdefault(rec.stream_id, []).append(stream)
             else:
                 part.live[rec.stream_id] = stream
-            self.by_key[stream.engine_key] = stream
-            self.engine.add_stream(stream.engine_key)
+            self.by_key[stream.engine_key] = stream  # its lanes open with its first record
 
     def _on_revoke(self, consumer: Any, partitions: list[TopicPartition]) -> None:
         if consumer is not self.consumer:
@@ -991,7 +1056,8 @@ class Worker:
             if part is None:
                 continue
             for stream in part.streams():
-                self.engine.drop_stream(stream.engine_key)
+                for lane in stream.lanes:
+                    self.engine.drop_stream(lane.engine_key)
                 self.by_key.pop(stream.engine_key, None)
         self.metrics.on_paused(len(self.holds))
         self.metrics.on_streams(len(self.by_key))
@@ -1033,8 +1099,7 @@ class Worker:
             else:
                 stream = self.by_key.get(hold.stream_key)
                 free = stream is None or (
-                    self.engine.buffered_sec(hold.stream_key)
-                    <= self.cfg.max_stream_buffered_sec / 2
+                    self._buffered_sec(stream) <= self.cfg.max_stream_buffered_sec / 2
                 )
             if free:
                 released.append(p)

@@ -2,17 +2,24 @@
 
 No tensors here: the engine holds the model state; this holds what Kafka needs (offsets,
 sequence numbers, events emitted, the replay window, the event-time clock) and the per-call
-audio decoder. A call is identified within its partition by its stream id while it is live;
+audio decoders. A call is identified within its partition by its stream id while it is live;
 once it has ended (and is only finishing in the engine) a new call may reuse the id, so the
 engine knows each call by ``engine_key``, which includes the offset where the call started.
+
+A call is one engine stream (a ``Lane``), or one per channel in ``split`` mode
+(``channels.py``). Its lanes' updates are merged in a fixed turn, one update of each lane in
+channel order, whatever steps they came in: each lane's sequence of updates is a function of
+its audio, so the merged transcript (and so every event id) is one too, and a replay re-makes
+it exactly.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 from worker.audio import AudioDecoder
+from worker.engine.results import StreamUpdate
 
 NO_END = -1
 
@@ -27,13 +34,29 @@ class Replay:
 
 
 @dataclass
+class Lane:
+    """One engine stream of a call: the call's audio, or one channel of it."""
+
+    engine_key: str
+    decoder: AudioDecoder | None  # None: the call ended before its first chunk was taken
+    channel: int | None = None  # the input channel it hears; None: all of them, mixed
+    role: str | None = None
+    speakers: dict[str, str] = field(default_factory=dict)  # diarizer slot -> label
+    segments: dict[int, int] = field(default_factory=dict)  # lane segment -> call segment
+    pending: deque[StreamUpdate] = field(default_factory=deque)  # not yet merged
+    end_pushed: bool = False  # end_stream was called on the engine
+    done: bool = False  # its last update has been merged
+
+
+@dataclass
 class OpenStream:
     """One call of a partition this worker owns."""
 
     stream_id: str
     partition: int
     first_offset: int  # offset of the record with sequence 0
-    decoder: AudioDecoder | None = None
+    lanes: list[Lane] = field(default_factory=list)  # made when its first chunk is taken
+    turn: int = 0  # the lane whose update is merged next
     next_sequence: int = 0
     capture_start_ms: int = 0
     events_emitted: int = 0  # events produced (committed or in the open transaction)
@@ -44,9 +67,7 @@ class OpenStream:
     seconds_in: float = 0.0  # audio accepted, in seconds
     last_time_ms: int = 0  # timestamp of the call's last record (event-time idle end)
     recent: OrderedDict[int, bytes] = field(default_factory=OrderedDict)  # sequence -> digest
-    speakers: dict[str, str] = field(default_factory=dict)  # diarizer slot -> label by appearance
     end_at: int = NO_END  # the call ended before this offset and is finishing in the engine
-    end_pushed: bool = False  # end_stream was called on the engine
     resume_end_at: int = NO_END  # rebuilt call that had ended before this offset: end it there
     dirty: bool = True  # progress needs writing in the next checkpoint
 
@@ -55,8 +76,27 @@ class OpenStream:
         return f"{self.partition}/{self.first_offset}/{self.stream_id}"
 
     @property
+    def decoder(self) -> AudioDecoder | None:
+        """The first lane's decoder: the call's audio format, once known."""
+        return self.lanes[0].decoder if self.lanes else None
+
+    @property
     def ending(self) -> bool:
         return self.end_at != NO_END
+
+    def merged(self) -> list[tuple[Lane, StreamUpdate]]:
+        """The lanes' pending updates that are next in turn (see the module docstring)."""
+        out: list[tuple[Lane, StreamUpdate]] = []
+        while not all(lane.done for lane in self.lanes):
+            lane = self.lanes[self.turn]
+            if not lane.done:
+                if not lane.pending:
+                    break
+                update = lane.pending.popleft()
+                lane.done = update.ended
+                out.append((lane, update))
+            self.turn = (self.turn + 1) % len(self.lanes)
+        return out
 
     def remember(self, sequence: int, digest: bytes, window: int) -> None:
         """Keep the digest of an accepted chunk, to tell a repeat from a conflicting one."""

@@ -11,7 +11,7 @@ from producer_tools.stream import CallAudio, to_chunks
 from schemas import AudioChunk, AudioEncoding, RecordCodec
 from worker.audio import AudioDecoder
 from worker.service.admission import Limits, Placement, Rejected, inspect, place
-from worker.service.streams import OpenStream
+from worker.service.streams import Lane, OpenStream
 
 LIMITS = Limits(
     max_stream_id_length=32, max_payload_bytes=64_000, max_chunk_sec=2.0, max_gap_fill_sec=1.0
@@ -27,7 +27,7 @@ def _chunks(n: int = 3) -> list[AudioChunk]:
 def _stream_after(chunks: list[AudioChunk]) -> OpenStream:
     """A live call that has taken ``chunks``."""
     stream = OpenStream("call", 0, first_offset=0)
-    stream.decoder = AudioDecoder(AudioEncoding.PCM_S16LE, 16000, 1)
+    stream.lanes = [Lane(stream.engine_key, AudioDecoder(AudioEncoding.PCM_S16LE, 16000, 1))]
     for chunk in chunks:
         placed = place(chunk, stream, LIMITS)
         stream.remember(chunk.sequence, placed.digest, 8)
