@@ -12,6 +12,7 @@ import pytest
 from starlette.websockets import WebSocketState
 
 from producer_tools.__main__ import build_parser
+from producer_tools.producer import ProducerError
 from producer_tools.web import admission
 from producer_tools.web.admission import (
     CLOSE_POLICY,
@@ -313,3 +314,38 @@ def test_a_page_that_stops_reading_is_disconnected_and_its_session_torn_down(mon
     (call,) = made
     assert page.sends == 1 and call.page_stalled and call.outcome == "page stopped reading"
     assert call.stream.ends == 1 and call.relay.stopped and slots.in_use == 0
+
+
+class FailingEndStream(FakeStream):
+    """A stream whose end-of-stream hits a delivery error (the record may be queued already)."""
+
+    def end(self) -> None:
+        self.ends += 1
+        raise ProducerError("1 record(s) failed to publish: broker down")
+
+
+def test_end_of_stream_is_not_sent_twice_after_a_delivery_error() -> None:
+    async def session() -> BrowserCall:
+        call = BrowserCall(StalledPage(), GatewaySettings(send_timeout_sec=0.05), "file", None)
+        call.stream = FailingEndStream()
+        refusal = call._end_stream()
+        assert refusal.code == "kafka_unavailable" and "broker down" in refusal.message
+        await call._teardown()  # must not send a second end with the same sequence
+        return call
+
+    call = asyncio.run(session())
+    assert call.stream.ends == 1
+
+
+class VanishingPage(StalledPage):
+    """A page that is gone before its session is accepted."""
+
+    async def accept(self) -> None:
+        raise OSError("connection reset")
+
+
+def test_the_session_slot_is_released_when_accepting_fails() -> None:
+    slots = SessionSlots(1)
+    with pytest.raises(OSError):
+        asyncio.run(serve_session(VanishingPage(), GatewaySettings(), slots))
+    assert slots.in_use == 0
