@@ -14,10 +14,13 @@ from producer_tools.web.settings import (
     DEFAULT_EVENT_QUEUE,
     DEFAULT_HOST,
     DEFAULT_KAFKA_TIMEOUT_SEC,
+    DEFAULT_MAX_AUDIO_AHEAD_SEC,
     DEFAULT_MAX_MESSAGE_BYTES,
     DEFAULT_MAX_SESSION_SEC,
     DEFAULT_MAX_SESSIONS,
+    DEFAULT_MIN_FRAME_MS,
     DEFAULT_PORT,
+    DEFAULT_SEND_TIMEOUT_SEC,
     MAX_CHUNK_MS,
     MIN_CHUNK_MS,
     GatewaySettings,
@@ -78,7 +81,14 @@ def add_parser(sub: Any, kafka_flags: Callable[[argparse.ArgumentParser], None])
         default=[],
         metavar="ORIGIN",
         help="another origin whose pages may open sessions, e.g. https://demo.example.com "
-        "(repeatable; the gateway's own origin is always allowed)",
+        "(repeatable; the gateway's own origin, from --host and --port, is always allowed: "
+        "for a loopback or 0.0.0.0 bind, http://127.0.0.1, localhost and [::1] on the port)",
+    )
+    p.add_argument(
+        "--allow-no-origin",
+        action="store_true",
+        help="admit clients that send no Origin header (scripts; browsers always send one); "
+        "refused by default",
     )
     p.add_argument(
         "--max-sessions",
@@ -102,6 +112,22 @@ def add_parser(sub: Any, kafka_flags: Callable[[argparse.ArgumentParser], None])
         metavar="B",
         help="largest websocket message a page may send; a larger one ends the session "
         f"(default: {DEFAULT_MAX_MESSAGE_BYTES})",
+    )
+    p.add_argument(
+        "--max-audio-ahead-sec",
+        type=_number,
+        default=DEFAULT_MAX_AUDIO_AHEAD_SEC,
+        metavar="S",
+        help="how far the audio sent may run ahead of the time since the session opened; "
+        f"faster ends the session (default: {DEFAULT_MAX_AUDIO_AHEAD_SEC:g})",
+    )
+    p.add_argument(
+        "--min-frame-ms",
+        type=_int,
+        default=DEFAULT_MIN_FRAME_MS,
+        metavar="MS",
+        help="shortest audio message; only a call's last one may be shorter "
+        f"(default: {DEFAULT_MIN_FRAME_MS})",
     )
     p.add_argument(
         "--chunk-ms",
@@ -141,6 +167,14 @@ def add_parser(sub: Any, kafka_flags: Callable[[argparse.ArgumentParser], None])
         f"(default: {DEFAULT_KAFKA_TIMEOUT_SEC:g})",
     )
     p.add_argument(
+        "--send-timeout-sec",
+        type=_number,
+        default=DEFAULT_SEND_TIMEOUT_SEC,
+        metavar="S",
+        help="longest wait for a page to take one message; a page that stops reading for "
+        f"longer is disconnected and its call ended (default: {DEFAULT_SEND_TIMEOUT_SEC:g})",
+    )
+    p.add_argument(
         "--log-level",
         choices=["debug", "info", "warning", "error"],
         default="info",
@@ -165,6 +199,10 @@ def settings_from(args: argparse.Namespace) -> GatewaySettings:
         max_session_sec=args.max_session_sec,
         max_message_bytes=args.max_message_bytes,
         allowed_origins=tuple(args.allow_origin),
+        allow_no_origin=args.allow_no_origin,
+        max_audio_ahead_sec=args.max_audio_ahead_sec,
+        min_frame_ms=args.min_frame_ms,
+        send_timeout_sec=args.send_timeout_sec,
         end_wait_sec=args.end_wait_sec,
         event_queue=args.event_queue,
         kafka_timeout_sec=args.kafka_timeout_sec,

@@ -22,6 +22,12 @@ DEFAULT_MAX_MESSAGE_BYTES: Final = 64_000  # 2 s of 16 kHz PCM: ten times what t
 DEFAULT_END_WAIT_SEC: Final = 60.0
 DEFAULT_EVENT_QUEUE: Final = 64
 DEFAULT_KAFKA_TIMEOUT_SEC: Final = 10.0
+DEFAULT_MAX_AUDIO_AHEAD_SEC: Final = 5.0
+DEFAULT_MIN_FRAME_MS: Final = 10
+DEFAULT_SEND_TIMEOUT_SEC: Final = 10.0
+# A session's librdkafka queue: audio is paced to real time, so this is minutes of it, not hours.
+PRODUCER_QUEUE_KBYTES: Final = 4_096
+PRODUCER_QUEUE_MESSAGES: Final = 2_000
 MIN_CHUNK_MS: Final = 20
 MAX_CHUNK_MS: Final = 1_000
 MAX_PREFIX_LENGTH: Final = 200  # + "-" and 12 hex stay within the worker's 256-character ids
@@ -49,10 +55,14 @@ class GatewaySettings:
     max_session_sec: float = DEFAULT_MAX_SESSION_SEC
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     allowed_origins: tuple[str, ...] = field(default=())  # besides the gateway's own origin
+    allow_no_origin: bool = False  # admit clients that send no Origin (scripts, not pages)
+    max_audio_ahead_sec: float = DEFAULT_MAX_AUDIO_AHEAD_SEC  # audio sent vs. time in session
+    min_frame_ms: int = DEFAULT_MIN_FRAME_MS  # shortest audio message, except the last one
     # -- bounds that keep a session from waiting or buffering without end
     end_wait_sec: float = DEFAULT_END_WAIT_SEC  # after end-of-stream, for the call's STREAM_END
     event_queue: int = DEFAULT_EVENT_QUEUE  # events between a session's Kafka reader and its page
     kafka_timeout_sec: float = DEFAULT_KAFKA_TIMEOUT_SEC  # to open, flush or close a session
+    send_timeout_sec: float = DEFAULT_SEND_TIMEOUT_SEC  # for one message to a page that stalls
 
     def __post_init__(self) -> None:
         checks = [
@@ -86,6 +96,18 @@ class GatewaySettings:
                 f"kafka_timeout_sec must be more than 0, got {self.kafka_timeout_sec}",
             ),
             (
+                self.max_audio_ahead_sec >= 0,
+                f"max_audio_ahead_sec must be 0 or more, got {self.max_audio_ahead_sec}",
+            ),
+            (
+                1 <= self.min_frame_ms <= self.chunk_ms,
+                f"min_frame_ms must be 1..chunk_ms ({self.chunk_ms}), got {self.min_frame_ms}",
+            ),
+            (
+                self.send_timeout_sec > 0,
+                f"send_timeout_sec must be more than 0, got {self.send_timeout_sec}",
+            ),
+            (
                 all(o.startswith(("http://", "https://")) for o in self.allowed_origins),
                 f"allowed origins must be http(s)://host[:port], got {list(self.allowed_origins)}",
             ),
@@ -101,3 +123,15 @@ class GatewaySettings:
     @property
     def chunk_bytes(self) -> int:
         return self.chunk_frames * PCM_BYTES_PER_SAMPLE
+
+    @property
+    def min_frame_bytes(self) -> int:
+        return SAMPLE_RATE_HZ * self.min_frame_ms // 1000 * PCM_BYTES_PER_SAMPLE
+
+    @property
+    def producer_config(self) -> dict[str, int]:
+        """librdkafka settings of a session's producer: a bounded queue (full: the session ends)."""
+        return {
+            "queue.buffering.max.kbytes": PRODUCER_QUEUE_KBYTES,
+            "queue.buffering.max.messages": PRODUCER_QUEUE_MESSAGES,
+        }

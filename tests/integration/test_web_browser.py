@@ -254,6 +254,7 @@ def test_the_page_shows_the_call_live_and_closing_it_ends_the_stream(
         segments = page.evaluate(READ_SEGMENTS)
         log = page.evaluate("window.__segmentLog")
         latency_ms = page.eval_on_selector("#latency", "el => el.dataset.lastMs")
+        latency_label = page.text_content("#latency")
         page.close()
 
         # -- a call whose page is simply closed
@@ -305,6 +306,7 @@ def test_the_page_shows_the_call_live_and_closing_it_ends_the_stream(
     assert len(set(colour_of.values())) == len(colour_of), colour_of
     print(f"speakers on the page: {colour_of}; last latency {latency_ms} ms", flush=True)
     assert latency_ms is not None and int(latency_ms) > 0
+    assert latency_label.startswith("end of speech → text "), latency_label
 
     # Closing the page ended its stream: end-of-stream published, STREAM_END committed.
     assert closed_events and closed_events[-1].stream_id == closed_sid

@@ -7,7 +7,9 @@ must not. Every wait is for an observed condition, with a deadline.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import socket
 import threading
 import time
 import urllib.request
@@ -81,6 +83,16 @@ def receive(ws: ClientConnection) -> dict:
     return json.loads(ws.recv(timeout=WAIT_S))
 
 
+def messages_until_closed(ws: ClientConnection) -> tuple[list[dict], int]:
+    """Every message until the gateway closes the socket, and its close code."""
+    messages: list[dict] = []
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            messages.append(json.loads(ws.recv(timeout=WAIT_S)))
+    assert closed.value.rcvd is not None, "the connection dropped without a close frame"
+    return messages, closed.value.rcvd.code
+
+
 def closed_with(ws: ClientConnection) -> tuple[int, str]:
     """Read until the gateway closes the socket; its close code and reason."""
     with pytest.raises(ConnectionClosed) as closed:
@@ -145,6 +157,41 @@ def chunks_of(bootstrap: str, topic: str, stream_id: str) -> list[AudioChunk]:
     return chunks
 
 
+def transcript_event(sid: str, kind: EventKind, index: int, text: str = "") -> bytes:
+    """A TranscriptEvent record as a worker would write it."""
+    value = TranscriptEvent(
+        event_id=uuid.uuid4().hex,
+        stream_id=sid,
+        kind=kind,
+        segment_index=index,
+        revision=0,
+        speaker=None if kind is EventKind.STREAM_END else "speaker_0",
+        start_s=0.0,
+        end_s=1.0,
+        start_time_ms=0,
+        end_time_ms=1000,
+        text=text,
+        words=(),
+        first_sequence=0,
+        last_sequence=1,
+        diarizer_model="d",
+        asr_model="a",
+    )
+    return RecordCodec(TranscriptEvent).encode(value)
+
+
+def publish_events(settings: GatewaySettings, *events: tuple) -> None:
+    """Publish ``(stream_id, kind, index, text)`` events to the transcript topic, flushed."""
+    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
+    for sid, kind, index, text in events:
+        producer.produce(
+            settings.transcript_topic,
+            key=sid.encode(),
+            value=transcript_event(sid, kind, index, text),
+        )
+    assert producer.flush(WAIT_S) == 0
+
+
 def assert_torn_down(running: RunningGateway, stream_id: str) -> list[AudioChunk]:
     """End-of-stream published, the relay's consumer closed, the slot free; the chunks."""
     chunks = chunks_of(running.settings.bootstrap_servers, running.settings.audio_topic, stream_id)
@@ -173,6 +220,35 @@ def test_a_page_from_another_origin_is_refused_with_a_message(settings) -> None:
                 ready = receive(ws)
                 assert ready["type"] == "ready", ready
             assert_torn_down(running, ready["stream_id"])
+
+
+def test_dns_rebinding_and_a_missing_origin_are_refused(settings) -> None:
+    """A page on rebind.example (resolving to 127.0.0.1) sends a Host and an Origin that
+    agree; the gateway, bound to 127.0.0.1, does not take that name for its own."""
+    with gateway(settings) as running:
+        name = f"rebind.example:{running.port}"
+        sock = socket.create_connection(("127.0.0.1", running.port), timeout=WAIT_S)
+        with connect(
+            f"ws://{name}/ws", sock=sock, origin=f"http://{name}", open_timeout=WAIT_S
+        ) as ws:
+            error = receive(ws)
+            code, _reason = closed_with(ws)
+        assert error["code"] == "origin_not_allowed" and code == 1008
+        with running.connect(origin=None) as ws:
+            error = receive(ws)
+            code, _reason = closed_with(ws)
+        assert error["code"] == "origin_missing" and "--allow-no-origin" in error["message"]
+        assert code == 1008 and running.sessions() == 0
+        # localhost is the same loopback gateway.
+        with running.connect(origin=f"http://localhost:{running.port}") as ws:
+            ready = receive(ws)
+            assert ready["type"] == "ready", ready
+        assert_torn_down(running, ready["stream_id"])
+    with gateway(settings, allow_no_origin=True) as running:
+        with running.connect(origin=None) as ws:
+            ready = receive(ws)
+            assert ready["type"] == "ready", ready
+        assert_torn_down(running, ready["stream_id"])
 
 
 # -- sessions -------------------------------------------------------------------------------
@@ -244,6 +320,35 @@ def test_a_message_that_is_not_audio_or_stop_ends_the_session(settings) -> None:
         assert_torn_down(running, sid)
 
 
+def test_audio_faster_than_real_time_ends_the_session(settings) -> None:
+    two_seconds = b"\x00\x00" * 32_000
+    with gateway(settings, max_audio_ahead_sec=1.0) as running:
+        with running.connect() as ws:
+            sid = receive(ws)["stream_id"]
+            # 60 s of audio at once, 1 s of slack: refused on any machine that sends it in
+            # under 59 s. Sends after the refusal may find the socket closed.
+            with contextlib.suppress(ConnectionClosed):
+                for _ in range(30):
+                    ws.send(two_seconds)
+            messages, code = messages_until_closed(ws)
+        assert messages[0]["code"] == "audio_too_fast", messages
+        assert "ahead of real time" in messages[0]["message"] and code == 1008
+        chunks = assert_torn_down(running, sid)
+        assert len(chunks) < 30 and chunks[-1].end_of_stream
+
+
+def test_a_short_audio_message_must_be_the_last_one(settings) -> None:
+    with gateway(settings) as running:
+        with running.connect() as ws:
+            sid = receive(ws)["stream_id"]
+            ws.send(b"\x01\x00")  # one sample: allowed as a call's last message
+            ws.send(TONE_CHUNK)  # but it was not the last
+            messages, code = messages_until_closed(ws)
+        assert messages[0]["code"] == "frame_too_short" and code == 1008
+        chunks = assert_torn_down(running, sid)
+        assert [c.payload for c in chunks] == [b"\x01\x00", b""]
+
+
 # -- time and teardown --------------------------------------------------------------------------
 
 
@@ -251,15 +356,45 @@ def test_a_session_over_its_length_limit_is_ended_with_a_message(settings) -> No
     with gateway(settings, max_session_sec=0.5, end_wait_sec=0.5) as running:
         with running.connect() as ws:
             sid = receive(ws)["stream_id"]
-            ws.send(TONE_CHUNK)
-            limit = receive(ws)
+            ws.send(TONE_CHUNK)  # before the limit (published) or after it (ignored)
             # No worker here: its STREAM_END never comes, and the gateway says so.
-            waited = receive(ws)
-            code, _reason = closed_with(ws)
+            messages, code = messages_until_closed(ws)
+        limit, waited = messages[0], messages[-1]
         assert limit["code"] == "session_too_long" and "limit of 0.5 s" in limit["message"]
         assert waited["code"] == "no_stream_end" and code == 1011
+        ignored = [m["code"] for m in messages[1:-1]]
+        assert ignored in ([], ["call_ended"]), messages
         chunks = assert_torn_down(running, sid)
-        assert [c.end_of_stream for c in chunks] == [False, True]
+        assert [c.end_of_stream for c in chunks] == ([True] if ignored else [False, True])
+
+
+def test_after_the_time_limit_audio_is_ignored_and_the_last_events_still_arrive(settings) -> None:
+    """Chunks in flight when the limit fires (and any stray message) must not cut off the
+    call: the page still gets its last final and the STREAM_END, and a normal close."""
+    with gateway(settings, max_session_sec=0.5) as running:  # end_wait_sec: WAIT_S
+        with running.connect() as ws:
+            sid = receive(ws)["stream_id"]
+            limit = receive(ws)
+            ws.send(TONE_CHUNK)
+            ws.send('{"type": "louder"}')
+            ws.send(TONE_CHUNK)
+            notice = receive(ws)
+            chunks = chunks_of(settings.bootstrap_servers, settings.audio_topic, sid)
+            publish_events(
+                settings,
+                (sid, EventKind.FINAL, 0, "the last words"),
+                (sid, EventKind.STREAM_END, 1, ""),
+            )
+            messages, code = messages_until_closed(ws)
+        assert limit["code"] == "session_too_long"
+        assert notice["type"] == "notice" and notice["code"] == "call_ended", notice
+        assert [(m["type"], m.get("kind"), m.get("text")) for m in messages] == [
+            ("event", "FINAL", "the last words"),
+            ("event", "STREAM_END", ""),
+        ]
+        assert code == 1008  # after the whole call: closed with the limit's code, not cut off
+        assert [c.end_of_stream for c in chunks] == [True]  # nothing after the end published
+        assert_torn_down(running, sid)
 
 
 def test_a_page_that_leaves_mid_call_ends_its_stream(settings) -> None:
@@ -278,30 +413,9 @@ def test_a_page_that_leaves_mid_call_ends_its_stream(settings) -> None:
 def test_events_of_the_session_stream_are_relayed_until_its_stream_end(settings) -> None:
     """The relay alone, with events a worker would write: only this stream's, in order, and
     the socket closes normally after STREAM_END."""
-    codec = RecordCodec(TranscriptEvent)
-    producer = Producer({"bootstrap.servers": settings.bootstrap_servers})
 
     def event(sid: str, kind: EventKind, index: int, text: str = "") -> None:
-        value = TranscriptEvent(
-            event_id=uuid.uuid4().hex,
-            stream_id=sid,
-            kind=kind,
-            segment_index=index,
-            revision=0,
-            speaker=None if kind is EventKind.STREAM_END else "speaker_0",
-            start_s=0.0,
-            end_s=1.0,
-            start_time_ms=0,
-            end_time_ms=1000,
-            text=text,
-            words=(),
-            first_sequence=0,
-            last_sequence=1,
-            diarizer_model="d",
-            asr_model="a",
-        )
-        producer.produce(settings.transcript_topic, key=sid.encode(), value=codec.encode(value))
-        producer.flush(WAIT_S)
+        publish_events(settings, (sid, kind, index, text))
 
     with gateway(settings) as running:
         event("before-the-session", EventKind.FINAL, 0, "old")
@@ -323,3 +437,46 @@ def test_events_of_the_session_stream_are_relayed_until_its_stream_end(settings)
         assert {e["stream_id"] for e in got} == {sid} and code == 1000
         chunks = assert_torn_down(running, sid)
         assert [c.end_of_stream for c in chunks] == [False, True]
+
+
+def test_only_committed_events_reach_the_page(settings) -> None:
+    """The relay reads read_committed: an event of an aborted transaction (a worker that
+    failed mid-step and was fenced) never reaches the page; the committed retry does."""
+    producer = Producer(
+        {"bootstrap.servers": settings.bootstrap_servers, "transactional.id": uuid.uuid4().hex}
+    )
+    producer.init_transactions(WAIT_S)
+
+    def in_transaction(sid: str, commit: bool, *events: tuple[EventKind, int, str]) -> None:
+        producer.begin_transaction()
+        for kind, index, text in events:
+            producer.produce(
+                settings.transcript_topic,
+                key=sid.encode(),
+                value=transcript_event(sid, kind, index, text),
+            )
+        producer.flush(WAIT_S)
+        if commit:
+            producer.commit_transaction(WAIT_S)
+        else:
+            producer.abort_transaction(WAIT_S)
+
+    with gateway(settings) as running:
+        with running.connect() as ws:
+            sid = receive(ws)["stream_id"]
+            ws.send(TONE_CHUNK)
+            ws.send('{"type": "stop"}')
+            ws.send('{"type": "louder"}')  # after the stop: ignored, not the end of the call
+            notice = receive(ws)
+            in_transaction(sid, False, (EventKind.FINAL, 0, "aborted"))
+            in_transaction(
+                sid, True, (EventKind.FINAL, 0, "committed"), (EventKind.STREAM_END, 1, "")
+            )
+            messages, code = messages_until_closed(ws)
+        assert notice["code"] == "call_ended"
+        assert [(m["kind"], m["text"]) for m in messages] == [
+            ("FINAL", "committed"),
+            ("STREAM_END", ""),
+        ]
+        assert code == 1000
+        assert_torn_down(running, sid)

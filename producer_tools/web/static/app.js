@@ -1,10 +1,13 @@
 // The live demo page: capture → websocket → gateway → Kafka → worker → transcript events back.
 // One call per websocket. Each audio message is one AudioChunk; its sequence number is the
-// message's position, so an event's last_sequence says which chunk it covers, and the latency
-// shown is the time from sending that chunk to showing the event.
+// message's position, so an event's last_sequence says which chunk holds its end (end_s).
+// The latency shown is what a speaker feels: from the end of the event's speech (end_s) to its
+// text on screen. The moment end_s was captured is the send time of chunk last_sequence less
+// the audio after end_s in that chunk (a chunk is sent as soon as its last sample is captured).
+// For a final it includes the pause the worker waits for before it ends a segment.
 
 const PALETTE = ["#4fc3f7", "#ffb74d", "#ce93d8", "#81c784", "#f06292", "#fff176"];
-const SENT_KEEP = 3000; // send times kept for latency; older ones are dropped
+const SENT_KEEP = 3000; // chunks' send times kept for latency; older ones are dropped
 const LATENCY_KEEP = 50; // latencies the median is taken over
 const FLUSH_WAIT_MS = 1000;
 
@@ -48,7 +51,7 @@ class Call {
     this.nextSequence = 0;
     this.sentSamples = 0;
     this.sampleRate = 16000; // until the gateway says
-    this.sentAt = new Map(); // sequence → performance.now() when sent
+    this.sentAt = new Map(); // sequence → {at: performance.now() when sent, endS: its end, s}
     this.speakers = new Map(); // speaker label → colour
     this.segments = new Map(); // segment_index → element
     this.latencies = [];
@@ -92,9 +95,9 @@ class Call {
 
   send(buffer) {
     if (!this.sending || this.ws.readyState !== WebSocket.OPEN) return;
-    this.sentAt.set(this.nextSequence++, performance.now());
     this.sentSamples += buffer.byteLength / 2;
     const seconds = this.sentSamples / this.sampleRate;
+    this.sentAt.set(this.nextSequence++, { at: performance.now(), endS: seconds });
     ui.sent.dataset.seconds = seconds.toFixed(2);
     ui.sent.textContent = `sent ${seconds.toFixed(1)} s`;
     if (this.sentAt.size > SENT_KEEP) {
@@ -171,16 +174,20 @@ class Call {
       el.querySelector(".time").textContent = `${ev.start_s.toFixed(1)}–${ev.end_s.toFixed(1)} s`;
       el.querySelector(".text").textContent = ev.text || "…";
     }
-    const sent = this.sentAt.get(ev.last_sequence);
-    if (sent !== undefined) this.noteLatency(performance.now() - sent);
+    const chunk = this.sentAt.get(ev.last_sequence);
+    if (chunk !== undefined) {
+      const after = Math.max(0, chunk.endS - ev.end_s) * 1000; // audio after the speech ended
+      this.noteLatency(performance.now() - (chunk.at - after), ev.kind.toLowerCase());
+    }
   }
 
-  noteLatency(ms) {
+  noteLatency(ms, kind) {
     this.latencies.push(ms);
     if (this.latencies.length > LATENCY_KEEP) this.latencies.shift();
     const sorted = [...this.latencies].sort((a, b) => a - b);
     const median = sorted[Math.floor(sorted.length / 2)];
-    ui.latency.textContent = `latency ${Math.round(ms)} ms · median ${Math.round(median)} ms`;
+    ui.latency.textContent =
+      `end of speech → text ${Math.round(ms)} ms (${kind}) · median ${Math.round(median)} ms`;
     ui.latency.dataset.lastMs = Math.round(ms);
   }
 }
@@ -255,7 +262,7 @@ function start(source, file) {
   ui.transcript.replaceChildren();
   ui.message.hidden = true;
   ui.streamId.textContent = "";
-  ui.latency.textContent = "latency –";
+  ui.latency.textContent = "end of speech → text –";
   ui.sent.textContent = "sent 0.0 s";
   ui.sent.dataset.seconds = "0";
   setIdleControls(false);
