@@ -37,12 +37,18 @@ def main(argv: list[str] | None = None) -> int:
     faults: Counter[str] = Counter()
     violations: list[str] = []
     started = time.monotonic()
+    done, interrupted = 0, False
     for n, seed in enumerate(range(args.first, args.first + args.seeds), 1):
         try:
             found, faulted = run_seed(seed, factory, clips)
+        except KeyboardInterrupt:  # Ctrl-C: report the seeds that ran
+            interrupted = True
+            break
         except Exception as exc:  # a harness or worker crash is a finding too: go on
             violations.append(f"seed {seed}: crashed: {type(exc).__name__}: {exc}")
+            done = n
             continue
+        done = n
         violations += found
         faults.update(faulted.faults)
         if n % 50 == 0 or n == args.seeds:
@@ -54,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
     report = {
-        "seeds": args.seeds,
+        "seeds": done,
+        "interrupted": interrupted,
         "first_seed": args.first,
         "violations": violations,
         "faults": dict(sorted(faults.items())),
