@@ -63,6 +63,32 @@ def _when(condition: Callable[[Simulation], bool], action: Callable[[Simulation]
     return {tick: step for tick in range(0, 40_000)}, lambda: done
 
 
+def _kill_mid_call_and_audit(records: list, engine_factory, key: bytes | None = None) -> RunResult:
+    """Two workers; once 3 events (of the call keyed ``key``, or of any) are committed, kill
+    one whose transaction holds outputs and start a replacement. The committed output must
+    equal an uninterrupted run's (returned), and a call must have been rebuilt."""
+    _, reference = _run(records, engine_factory, faults=False)
+
+    def mid_call_with_open_transaction(sim: Simulation) -> bool:
+        committed = [
+            r for r in sim.broker.committed_records("transcripts") if key is None or r.key == key
+        ]
+        return len(committed) >= 3 and any(w.worker.out.produced for w in sim._live())
+
+    def kill_it(sim: Simulation) -> None:
+        victim = next(w for w in sim._live() if w.worker.out.produced)
+        sim.kill(victim)
+        sim._start_worker()
+
+    script, fired = _when(mid_call_with_open_transaction, kill_it)
+    sim, faulted = _run(records, engine_factory, faults=False, workers=2, script=script)
+    assert fired()
+    assert audit(0, reference, faulted) == []
+    replays = sum(w.worker.metrics.replayed._value.get() for w in sim.workers)
+    assert replays > 0, "no call was rebuilt: the kill did not land mid-call"
+    return reference
+
+
 def test_a_60_s_backlog_is_processed_whole_and_equals_a_live_call(engine_factory, clip) -> None:
     """Issue 7.1: a call waiting in Kafka used to fail past 30 s (`buffer_full`)."""
     call = clip[: 60 * 16000]
@@ -105,23 +131,7 @@ def test_a_worker_killed_with_its_transaction_open_is_replaced_exactly(
         for i, sid in enumerate(["a", "b", "c"])
     ]
     records = [r for call in calls for r in call] + late_calls(60, clip)
-    _, reference = _run(records, engine_factory, faults=False)
-
-    def mid_call_with_open_transaction(sim: Simulation) -> bool:
-        committed = sim.broker.committed_records("transcripts")
-        return len(committed) >= 3 and any(w.worker.out.produced for w in sim._live())
-
-    def kill_it(sim: Simulation) -> None:
-        victim = next(w for w in sim._live() if w.worker.out.produced)
-        sim.kill(victim)
-        sim._start_worker()
-
-    script, fired = _when(mid_call_with_open_transaction, kill_it)
-    sim, faulted = _run(records, engine_factory, faults=False, workers=2, script=script)
-    assert fired()
-    assert audit(0, reference, faulted) == []
-    replays = sum(w.worker.metrics.replayed._value.get() for w in sim.workers)
-    assert replays > 0, "no call was rebuilt: the kill did not land mid-call"
+    _kill_mid_call_and_audit(records, engine_factory)
 
 
 @pytest.mark.parametrize("lost_first", [False, True])
@@ -409,21 +419,5 @@ def test_a_worker_killed_mid_split_call_is_replaced_exactly(engine_factory, ster
         + call_records("solo", stereo[:, 0].copy(), start=1)
         + late_calls(60, stereo[:, 0].copy())
     )
-    _, reference = _run(records, engine_factory, faults=False)
+    reference = _kill_mid_call_and_audit(records, engine_factory, key=b"duo")
     assert any(e.channel == 1 for e in reference.events["duo@0"])
-
-    def mid_call_with_open_transaction(sim: Simulation) -> bool:
-        committed = [r for r in sim.broker.committed_records("transcripts") if r.key == b"duo"]
-        return len(committed) >= 3 and any(w.worker.out.produced for w in sim._live())
-
-    def kill_it(sim: Simulation) -> None:
-        victim = next(w for w in sim._live() if w.worker.out.produced)
-        sim.kill(victim)
-        sim._start_worker()
-
-    script, fired = _when(mid_call_with_open_transaction, kill_it)
-    sim, faulted = _run(records, engine_factory, faults=False, workers=2, script=script)
-    assert fired()
-    assert audit(0, reference, faulted) == []
-    replays = sum(w.worker.metrics.replayed._value.get() for w in sim.workers)
-    assert replays > 0, "no call was rebuilt: the kill did not land mid-call"
